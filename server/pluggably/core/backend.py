@@ -1,0 +1,80 @@
+"""The one interface every provider adapter and local runner implements.
+
+Modelled on vLLM's `EngineClient`: the API layer only ever sees `Backend`, and the router picks
+one by the provider part of the model id. Backends register a factory under their provider name
+(see `register_backend`), so adding one never touches the router or the servicers.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+from pluggably.core.types import Chunk, GenerationRequest, ModelInfo
+
+if TYPE_CHECKING:
+    from pluggably.core.params import ParameterSpec
+
+
+class Backend(abc.ABC):
+    """A source of generations for the models of one provider.
+
+    Cancellation contract: `generate` returns an async iterator. When the consumer stops early
+    (client cancel, shutdown), the iterator is closed or the task awaiting it is cancelled, and the
+    backend must stop the underlying work promptly (close the upstream HTTP request, stop the
+    local generation thread) in its `finally`.
+    """
+
+    #: The `provider` part of the ids of this backend's models.
+    provider: str
+
+    @abc.abstractmethod
+    async def list_models(self) -> list[ModelInfo]:
+        """The models this backend can serve now."""
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        """Generates for `request.model`, yielding output chunks and finally one `DoneChunk`.
+
+        Raises `InvalidArgument` for requests the model cannot take (checked before the first
+        chunk), `ModelNotFound`, `ResourceExhausted` when its queue is full, `Unavailable` when it
+        cannot serve now.
+        """
+
+    def parameters(self, model: ModelInfo) -> list[ParameterSpec]:
+        """The request parameters `model` takes, with `supported` set per parameter."""
+        from pluggably.core.params import parameters_for
+
+        return parameters_for(model.modality, supported=None)
+
+    async def health(self) -> bool:
+        """Whether the backend can serve requests now."""
+        return True
+
+    async def start(self) -> None:
+        """Called once before the server starts serving; must stay cheap (no heavy imports)."""
+
+    async def aclose(self) -> None:
+        """Releases models, threads and connections. Called once at shutdown."""
+
+
+BackendFactory = Callable[[Any], Backend]
+_FACTORIES: dict[str, BackendFactory] = {}
+
+
+def register_backend(kind: str) -> Callable[[BackendFactory], BackendFactory]:
+    """Registers a factory that builds a backend of `kind` from its config section."""
+
+    def decorator(factory: BackendFactory) -> BackendFactory:
+        _FACTORIES[kind] = factory
+        return factory
+
+    return decorator
+
+
+def backend_factory(kind: str) -> BackendFactory:
+    try:
+        return _FACTORIES[kind]
+    except KeyError:
+        raise KeyError(f"no backend of kind {kind!r}; known: {sorted(_FACTORIES)}") from None

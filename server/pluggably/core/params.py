@@ -1,0 +1,145 @@
+"""Request parameters: one table drives validation and `ModelService.GetModelParameters`.
+
+A range written here is enforced for every backend; a backend narrows it per model only by
+declaring which parameters it supports (an unsupported parameter that is set is rejected, never
+silently ignored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from pluggably.core.errors import FieldViolation
+from pluggably.core.types import Modality, TextParams
+
+
+class ParamType(enum.Enum):
+    INTEGER = "integer"
+    NUMBER = "number"
+    STRING = "string"
+    BOOLEAN = "boolean"
+    STRING_LIST = "string_list"
+
+
+@dataclass(frozen=True)
+class ParameterSpec:
+    name: str
+    type: ParamType
+    description: str
+    default: Any = None
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    supported: bool = True
+
+
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_LENGTH = 256
+
+TEXT_PARAMETERS: tuple[ParameterSpec, ...] = (
+    ParameterSpec("text.max_tokens", ParamType.INTEGER,
+                  "Largest number of tokens to generate; with the prompt it must fit the context length.",
+                  minimum=1),
+    ParameterSpec("text.temperature", ParamType.NUMBER,
+                  "Sampling temperature; 0 means greedy decoding.", default=1.0, minimum=0, maximum=2),
+    ParameterSpec("text.top_p", ParamType.NUMBER,
+                  "Nucleus sampling probability mass.", default=1.0, minimum=0, maximum=1,
+                  exclusive_minimum=True),
+    ParameterSpec("text.top_k", ParamType.INTEGER,
+                  "Sample only from the k most likely tokens.", minimum=1),
+    ParameterSpec("text.seed", ParamType.INTEGER, "Seed for reproducible sampling."),
+    ParameterSpec("text.stop", ParamType.STRING_LIST,
+                  f"Up to {MAX_STOP_SEQUENCES} sequences (1 to {MAX_STOP_LENGTH} characters) that end "
+                  "the generation; not part of the returned text.", default=[]),
+    ParameterSpec("text.repetition_penalty", ParamType.NUMBER,
+                  "Multiplicative penalty on tokens already in the prompt or output (1 = none).",
+                  default=1.0, minimum=0, maximum=10, exclusive_minimum=True),
+    ParameterSpec("text.presence_penalty", ParamType.NUMBER,
+                  "Additive penalty on tokens already in the output.", default=0.0,
+                  minimum=-2, maximum=2),
+    ParameterSpec("text.frequency_penalty", ParamType.NUMBER,
+                  "Additive penalty proportional to a token's count in the output.", default=0.0,
+                  minimum=-2, maximum=2),
+)
+
+_BY_MODALITY: dict[Modality, tuple[ParameterSpec, ...]] = {Modality.TEXT: TEXT_PARAMETERS}
+
+
+def parameters_for(
+    modality: Modality, supported: Iterable[str] | None, **defaults: Any
+) -> list[ParameterSpec]:
+    """The specs of `modality`; `supported` lists short names (e.g. `top_k`), None means all.
+
+    `defaults` overrides documented defaults by short name (e.g. a model's own `max_tokens`).
+    """
+    allowed = None if supported is None else set(supported)
+    specs = []
+    for spec in _BY_MODALITY.get(modality, ()):
+        short = spec.name.split(".", 1)[1]
+        spec = dataclasses.replace(
+            spec,
+            supported=allowed is None or short in allowed,
+            default=defaults.get(short, spec.default),
+        )
+        specs.append(spec)
+    return specs
+
+
+def validate_text_params(params: TextParams, prefix: str = "text") -> list[FieldViolation]:
+    """Range checks that hold for every backend."""
+    violations: list[FieldViolation] = []
+    for spec in TEXT_PARAMETERS:
+        short = spec.name.split(".", 1)[1]
+        value = getattr(params, short)
+        field = f"{prefix}.{short}"
+        if spec.type is ParamType.STRING_LIST:
+            if len(value) > MAX_STOP_SEQUENCES:
+                violations.append(FieldViolation(field, f"at most {MAX_STOP_SEQUENCES} sequences, got {len(value)}"))
+            for i, item in enumerate(value):
+                if not 1 <= len(item) <= MAX_STOP_LENGTH:
+                    violations.append(FieldViolation(
+                        f"{field}[{i}]", f"must be 1 to {MAX_STOP_LENGTH} characters long"))
+            continue
+        if value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            violations.append(FieldViolation(field, "must be a finite number"))
+            continue
+        problem = _out_of_range(spec, value)
+        if problem:
+            violations.append(FieldViolation(field, problem))
+    return violations
+
+
+def _out_of_range(spec: ParameterSpec, value: float) -> str | None:
+    low, high = spec.minimum, spec.maximum
+    too_low = low is not None and (value <= low if spec.exclusive_minimum else value < low)
+    too_high = high is not None and value > high
+    if not (too_low or too_high):
+        return None
+    if low is not None and high is not None:
+        bracket = "(" if spec.exclusive_minimum else "["
+        return f"must be in {bracket}{_fmt(low)}, {_fmt(high)}], got {_fmt(value)}"
+    if low is not None:
+        op = ">" if spec.exclusive_minimum else ">="
+        return f"must be {op} {_fmt(low)}, got {_fmt(value)}"
+    return f"must be <= {_fmt(high)}, got {_fmt(value)}"  # type: ignore[arg-type]
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def unsupported_violations(
+    params: TextParams, supported: Iterable[str], model_id: str, prefix: str = "text"
+) -> list[FieldViolation]:
+    allowed = set(supported)
+    return [
+        FieldViolation(f"{prefix}.{name}", f"not supported by model {model_id!r}")
+        for name in sorted(params.set_fields() - allowed)
+    ]

@@ -1,0 +1,135 @@
+import datetime
+
+from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.rpc import status_pb2 as _status_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Modality(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODALITY_UNSPECIFIED: _ClassVar[Modality]
+    MODALITY_TEXT: _ClassVar[Modality]
+    MODALITY_IMAGE: _ClassVar[Modality]
+    MODALITY_MESH: _ClassVar[Modality]
+
+class ModelState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODEL_STATE_UNSPECIFIED: _ClassVar[ModelState]
+    MODEL_STATE_AVAILABLE: _ClassVar[ModelState]
+    MODEL_STATE_DOWNLOADING: _ClassVar[ModelState]
+    MODEL_STATE_NOT_DOWNLOADED: _ClassVar[ModelState]
+    MODEL_STATE_ERROR: _ClassVar[ModelState]
+
+class ParameterType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PARAMETER_TYPE_UNSPECIFIED: _ClassVar[ParameterType]
+    PARAMETER_TYPE_INTEGER: _ClassVar[ParameterType]
+    PARAMETER_TYPE_NUMBER: _ClassVar[ParameterType]
+    PARAMETER_TYPE_STRING: _ClassVar[ParameterType]
+    PARAMETER_TYPE_BOOLEAN: _ClassVar[ParameterType]
+    PARAMETER_TYPE_STRING_LIST: _ClassVar[ParameterType]
+
+class DownloadState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DOWNLOAD_STATE_UNSPECIFIED: _ClassVar[DownloadState]
+    DOWNLOAD_STATE_QUEUED: _ClassVar[DownloadState]
+    DOWNLOAD_STATE_RUNNING: _ClassVar[DownloadState]
+    DOWNLOAD_STATE_SUCCEEDED: _ClassVar[DownloadState]
+    DOWNLOAD_STATE_FAILED: _ClassVar[DownloadState]
+    DOWNLOAD_STATE_CANCELLED: _ClassVar[DownloadState]
+MODALITY_UNSPECIFIED: Modality
+MODALITY_TEXT: Modality
+MODALITY_IMAGE: Modality
+MODALITY_MESH: Modality
+MODEL_STATE_UNSPECIFIED: ModelState
+MODEL_STATE_AVAILABLE: ModelState
+MODEL_STATE_DOWNLOADING: ModelState
+MODEL_STATE_NOT_DOWNLOADED: ModelState
+MODEL_STATE_ERROR: ModelState
+PARAMETER_TYPE_UNSPECIFIED: ParameterType
+PARAMETER_TYPE_INTEGER: ParameterType
+PARAMETER_TYPE_NUMBER: ParameterType
+PARAMETER_TYPE_STRING: ParameterType
+PARAMETER_TYPE_BOOLEAN: ParameterType
+PARAMETER_TYPE_STRING_LIST: ParameterType
+DOWNLOAD_STATE_UNSPECIFIED: DownloadState
+DOWNLOAD_STATE_QUEUED: DownloadState
+DOWNLOAD_STATE_RUNNING: DownloadState
+DOWNLOAD_STATE_SUCCEEDED: DownloadState
+DOWNLOAD_STATE_FAILED: DownloadState
+DOWNLOAD_STATE_CANCELLED: DownloadState
+
+class Model(_message.Message):
+    __slots__ = ("id", "provider", "name", "description", "modality", "state", "aliases", "context_length", "size_bytes", "loaded")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    MODALITY_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOADED_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    provider: str
+    name: str
+    description: str
+    modality: Modality
+    state: ModelState
+    aliases: _containers.RepeatedScalarFieldContainer[str]
+    context_length: int
+    size_bytes: int
+    loaded: bool
+    def __init__(self, id: _Optional[str] = ..., provider: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., modality: _Optional[_Union[Modality, str]] = ..., state: _Optional[_Union[ModelState, str]] = ..., aliases: _Optional[_Iterable[str]] = ..., context_length: _Optional[int] = ..., size_bytes: _Optional[int] = ..., loaded: _Optional[bool] = ...) -> None: ...
+
+class ParameterSpec(_message.Message):
+    __slots__ = ("name", "type", "description", "supported", "default_value", "minimum", "exclusive_minimum", "maximum")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    SUPPORTED_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    MINIMUM_FIELD_NUMBER: _ClassVar[int]
+    EXCLUSIVE_MINIMUM_FIELD_NUMBER: _ClassVar[int]
+    MAXIMUM_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    type: ParameterType
+    description: str
+    supported: bool
+    default_value: _struct_pb2.Value
+    minimum: float
+    exclusive_minimum: bool
+    maximum: float
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[_Union[ParameterType, str]] = ..., description: _Optional[str] = ..., supported: _Optional[bool] = ..., default_value: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., minimum: _Optional[float] = ..., exclusive_minimum: _Optional[bool] = ..., maximum: _Optional[float] = ...) -> None: ...
+
+class Download(_message.Message):
+    __slots__ = ("id", "model", "repo_id", "revision", "state", "downloaded_bytes", "total_bytes", "error", "create_time", "update_time")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    REPO_ID_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    DOWNLOADED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    model: str
+    repo_id: str
+    revision: str
+    state: DownloadState
+    downloaded_bytes: int
+    total_bytes: int
+    error: _status_pb2.Status
+    create_time: _timestamp_pb2.Timestamp
+    update_time: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., repo_id: _Optional[str] = ..., revision: _Optional[str] = ..., state: _Optional[_Union[DownloadState, str]] = ..., downloaded_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
