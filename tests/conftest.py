@@ -17,3 +17,39 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("models") / "tiny-random-llama"
     build_tiny_model(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def config_for():
+    """Builds a validated Config for tests: port 0, the given local models."""
+    from pluggably.config import Config
+
+    def build(models: list[dict] | None = None, **sections) -> Config:
+        data = {"server": {"host": "127.0.0.1", "port": 0, "grace_period_s": 2}, **sections}
+        data["local"] = {"models": models or []}
+        return Config.model_validate(data)
+
+    return build
+
+
+@pytest.fixture(scope="session")
+async def tiny_gateway(tiny_model_dir, config_for):
+    """An in-process gateway serving the tiny model as `local/tiny` (alias `tiny-alias`)."""
+    from pluggably.server import GatewayServer
+
+    config = config_for(
+        [{"name": "tiny", "path": str(tiny_model_dir), "max_concurrency": 2, "default_max_tokens": 16}],
+        aliases={"tiny-alias": "local/tiny"},
+    )
+    server = GatewayServer(config)
+    await server.start()
+    yield server
+    await server.stop(grace=0)
+
+
+@pytest.fixture(scope="session")
+async def tiny_channel(tiny_gateway):
+    import grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{tiny_gateway.port}") as channel:
+        yield channel

@@ -1,0 +1,70 @@
+# Pluggably: `make run` starts the gateway and Envoy; `make test` runs every test.
+# Everything installs into .venv (Python) and node_modules (buf) inside the repository.
+
+PYTHON      ?= python3
+VENV        := .venv
+PY          := $(VENV)/bin/python
+BUF         := node_modules/.bin/buf
+GRPC_PORT   ?= 50051
+HTTP_PORT   ?= 8080
+MODEL_DIR   := var/models/tiny-random-llama
+PROTOS      := $(wildcard proto/pluggably/v1/*.proto)
+PYTEST_ARGS ?=
+
+.PHONY: help install run test generate check-generated lint bench model clean
+
+help:
+	@echo "make run              start the gRPC server (:$(GRPC_PORT)) and Envoy REST/gRPC (:$(HTTP_PORT))"
+	@echo "make test             run all tests"
+	@echo "make generate         regenerate Python stubs, Envoy descriptor set and OpenAPI from proto/"
+	@echo "make check-generated  fail if generated files are out of date"
+	@echo "make lint             buf lint/format, ruff"
+	@echo "make bench            run the benchmarks in bench/"
+	@echo "make model            build the tiny offline demo model into $(MODEL_DIR)"
+
+install: $(VENV)/.installed node_modules/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit("Python 3.11+ is required, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch is pinned to the CPU build (see pyproject.toml); CUDA machines install it the same way.
+	$(PY) -m pip install --quiet -e '.[local,dev]'
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+model: $(MODEL_DIR)/config.json
+
+$(MODEL_DIR)/config.json: | $(VENV)/.installed
+	$(VENV)/bin/pluggably-make-tiny-model $(MODEL_DIR)
+
+run: install model
+	GRPC_PORT=$(GRPC_PORT) HTTP_PORT=$(HTTP_PORT) scripts/run.sh
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+generate: install
+	$(PY) -m grpc_tools.protoc -I proto -I third_party/googleapis \
+		--python_out=server --pyi_out=server --grpc_python_out=server $(PROTOS)
+	$(BUF) build --as-file-descriptor-set -o envoy/pluggably.pb
+	$(PY) tools/openapi_gen.py envoy/pluggably.pb -o envoy/openapi.json
+
+check-generated: generate
+	@git add -N server/pluggably/v1 envoy >/dev/null 2>&1 || true
+	@git diff --exit-code --stat -- server/pluggably/v1 envoy/pluggably.pb envoy/openapi.json \
+		|| (echo "generated files are out of date: run 'make generate' and commit"; exit 1)
+
+lint: install
+	$(BUF) lint
+	$(BUF) format --diff --exit-code
+	$(VENV)/bin/ruff check server tests tools bench
+
+bench: install model
+	$(PY) bench/bench_text.py --model-dir $(MODEL_DIR)
+
+clean:
+	rm -rf $(VENV) node_modules var .pytest_cache

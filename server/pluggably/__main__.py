@@ -1,0 +1,5 @@
+import sys
+
+from pluggably.server import main
+
+sys.exit(main())

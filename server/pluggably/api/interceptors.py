@@ -1,0 +1,174 @@
+"""Server interceptors. They wrap unary and server-streaming handlers alike.
+
+An async interceptor that only awaits its continuation would break streams (the handler is an
+async generator), so every interceptor here rebuilds the method handler through `_rewrap`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+from google.rpc import code_pb2, status_pb2
+from grpc_status import rpc_status
+
+from pluggably.api.errors import to_status
+
+access_log = logging.getLogger("pluggably.access")
+log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "x-request-id"
+# Clients that cannot read a gRPC status sent after streamed data (HTTP/1.1 REST through Envoy,
+# browsers) ask for the error as the stream's last message instead. Envoy sets it on REST routes.
+STREAM_ERRORS_HEADER = "x-pluggably-stream-errors"
+
+_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
+_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
+
+
+def current_request_id() -> str:
+    """The id of the RPC being served (set by `GatewayInterceptor`)."""
+    return _request_id.get()
+
+
+UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+StreamBehavior = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
+
+
+def _rewrap(
+    handler: grpc.RpcMethodHandler,
+    unary: Callable[[UnaryBehavior], UnaryBehavior],
+    stream: Callable[[StreamBehavior], StreamBehavior],
+) -> grpc.RpcMethodHandler:
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(
+            unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer)
+    return handler  # client-streaming methods: none in the contract yet
+
+
+class GatewayInterceptor(grpc.aio.ServerInterceptor):
+    """Request id, access log and error mapping for every `pluggably.*` RPC.
+
+    Domain errors become `google.rpc.Status` with details (`pluggably.api.errors`); anything else
+    becomes INTERNAL with a fixed message and the request id, and is logged with its traceback.
+    """
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith("/pluggably."):
+            return handler
+        method = details.method
+        return _rewrap(handler, lambda b: self._unary(method, b), lambda b: self._stream(method, b))
+
+    def _unary(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            call = _Call(method, context)
+            await call.begin()
+            try:
+                return await behavior(request, context)
+            except asyncio.CancelledError:
+                call.code = code_pb2.CANCELLED
+                raise
+            except Exception as exc:
+                await call.fail(exc)
+                raise
+            finally:
+                call.end()
+
+        return wrapped
+
+    def _stream(self, method: str, behavior: StreamBehavior) -> StreamBehavior:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            call = _Call(method, context)
+            await call.begin()
+            first: Message | None = None
+            try:
+                async for message in behavior(request, context):
+                    first = first or message
+                    call.messages += 1
+                    yield message
+            except (asyncio.CancelledError, GeneratorExit):
+                call.code = code_pb2.CANCELLED
+                raise
+            except Exception as exc:
+                if (
+                    call.wants_inline_errors
+                    and first is not None
+                    and _has_error_event(first)
+                    and not isinstance(exc, grpc.aio.AbortError)
+                ):
+                    yield type(first)(id=call.request_id, error=call.status_for(exc))
+                    return
+                await call.fail(exc)
+                raise
+            finally:
+                call.end()
+
+        return wrapped
+
+
+def _has_error_event(message: Message) -> bool:
+    field = message.DESCRIPTOR.fields_by_name.get("error")
+    return (
+        field is not None
+        and field.message_type is not None
+        and field.message_type.full_name == "google.rpc.Status"
+        and "id" in message.DESCRIPTOR.fields_by_name
+    )
+
+
+class _Call:
+    """Book-keeping of one RPC for the access log and error mapping."""
+
+    def __init__(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        self.method = method
+        self.context = context
+        metadata = dict(context.invocation_metadata() or ())
+        supplied = metadata.get(REQUEST_ID_HEADER, "")
+        self.request_id = supplied if _VALID_REQUEST_ID.match(supplied) else uuid.uuid4().hex
+        self.wants_inline_errors = metadata.get(STREAM_ERRORS_HEADER, "").lower() == "inline"
+        self.code = code_pb2.OK
+        self.messages = 0
+        self._token: contextvars.Token[str] | None = None
+        self._start = time.perf_counter()
+
+    async def begin(self) -> None:
+        self._token = _request_id.set(self.request_id)
+        await self.context.send_initial_metadata(((REQUEST_ID_HEADER, self.request_id),))
+
+    def status_for(self, exc: BaseException) -> status_pb2.Status:
+        status = to_status(exc, self.request_id)
+        self.code = status.code
+        if status.code == code_pb2.INTERNAL:
+            log.error("unexpected error in %s (request id %s)", self.method, self.request_id, exc_info=exc)
+        return status
+
+    async def fail(self, exc: BaseException) -> None:
+        """Aborts the RPC with the mapped status; returns only for errors grpc handles itself."""
+        if isinstance(exc, grpc.aio.AbortError):
+            return
+        await self.context.abort_with_status(rpc_status.to_status(self.status_for(exc)))
+
+    def end(self) -> None:
+        elapsed_ms = (time.perf_counter() - self._start) * 1000
+        access_log.info(
+            "%s %s %.1fms request_id=%s messages=%d",
+            self.method, code_pb2.Code.Name(self.code), elapsed_ms, self.request_id, self.messages,
+        )
+        if self._token is not None:
+            _request_id.reset(self._token)

@@ -1,0 +1,192 @@
+"""The gateway process: gRPC server, health, reflection, graceful shutdown.
+
+Start-up stays light: no torch/transformers import happens until a local model is first used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from pluggably.api.interceptors import GatewayInterceptor
+from pluggably.api.servicers import GenerateServicer, ModelServicer, StorageServicer, StreamServicer
+from pluggably.config import Config, ConfigError, load_config
+from pluggably.core.backend import Backend
+from pluggably.core.router import Router
+from pluggably.v1 import (
+    generate_service_pb2,
+    generate_service_pb2_grpc,
+    model_service_pb2,
+    model_service_pb2_grpc,
+    storage_service_pb2,
+    storage_service_pb2_grpc,
+    stream_service_pb2,
+    stream_service_pb2_grpc,
+)
+
+log = logging.getLogger("pluggably.server")
+
+SERVICE_NAMES = tuple(
+    module.DESCRIPTOR.services_by_name[name].full_name
+    for module, name in (
+        (generate_service_pb2, "GenerateService"),
+        (stream_service_pb2, "StreamService"),
+        (model_service_pb2, "ModelService"),
+        (storage_service_pb2, "StorageService"),
+    )
+)
+
+
+def build_backends(config: Config) -> list[Backend]:
+    from pluggably.runners.transformers_text import LocalTextModel, TransformersTextBackend
+
+    backends: list[Backend] = []
+    if config.local.models:
+        backends.append(TransformersTextBackend([
+            LocalTextModel(
+                name=m.name,
+                path=m.path,
+                device=m.device,
+                dtype=m.dtype,
+                max_concurrency=m.max_concurrency,
+                max_queue=m.max_queue,
+                default_max_tokens=m.default_max_tokens,
+                context_length=m.context_length,
+                description=m.description,
+            )
+            for m in config.local.models
+        ]))
+    return backends
+
+
+class GatewayServer:
+    """One gRPC server over a router of backends. `start()` binds; `stop()` drains and closes."""
+
+    def __init__(self, config: Config, backends: Sequence[Backend] | None = None) -> None:
+        self.config = config
+        self.backends = list(build_backends(config) if backends is None else backends)
+        self.router = Router(self.backends, config.aliases)
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> int:
+        limit = self.config.server.max_message_bytes
+        server = grpc.aio.server(
+            interceptors=[GatewayInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+            ],
+        )
+        generate_service_pb2_grpc.add_GenerateServiceServicer_to_server(GenerateServicer(self.router), server)
+        stream_service_pb2_grpc.add_StreamServiceServicer_to_server(StreamServicer(self.router), server)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.router), server)
+        storage_service_pb2_grpc.add_StorageServiceServicer_to_server(StorageServicer(), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+
+        address = f"{self.config.server.host}:{self.config.server.port}"
+        self.port = server.add_insecure_port(address)
+        if not self.port:
+            raise OSError(f"cannot bind {address}")
+        for backend in self.backends:
+            await backend.start()
+        await server.start()
+        self._server = server
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING at once, in-flight RPCs get `grace` seconds, then backends are closed."""
+        if self._server is None or self._stopped.is_set():
+            return
+        grace = self.config.server.grace_period_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        log.info("shutting down: NOT_SERVING, %.1fs grace for in-flight RPCs", grace)
+        await self._server.stop(grace)
+        for backend in self.backends:
+            try:
+                await backend.aclose()
+            except Exception:
+                log.exception("closing backend %s failed", backend.provider)
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(config: Config) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if config.logging.format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.logging.level)
+
+
+async def serve(config: Config, started_at: float) -> None:
+    server = GatewayServer(config)
+    port = await server.start()
+    log.info(
+        "pluggably serving on %s:%d (SERVING %.0f ms after start; models: %s)",
+        config.server.host, port, (time.perf_counter() - started_at) * 1000,
+        ", ".join(m.id for m in await server.router.list_models()) or "none",
+    )
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    await stop_requested.wait()
+    await server.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    started_at = time.perf_counter()
+    parser = argparse.ArgumentParser(prog="pluggably-server", description=__doc__)
+    parser.add_argument("--config", help="YAML config file (default: $PLUGGABLY_CONFIG, else built-in defaults)")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"pluggably: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config)
+    try:
+        asyncio.run(serve(config, started_at))
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

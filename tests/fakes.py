@@ -1,0 +1,67 @@
+"""A fake backend implementing the real `Backend` interface, for testing the layers above it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+from pluggably.core.backend import Backend
+from pluggably.core.errors import ModelNotFound
+from pluggably.core.types import (
+    Chunk,
+    DoneChunk,
+    FinishReason,
+    GenerationRequest,
+    Modality,
+    ModelInfo,
+    TextChunk,
+    Usage,
+)
+
+
+class FakeBackend(Backend):
+    """Serves `<provider>/<name>` models whose behaviour a test scripts per model name.
+
+    `behaviours[name]` is called with the request and returns an exception to raise before any
+    output, or None to stream `words` as text chunks (after `raise_after` chunks it raises
+    `error_after`).
+    """
+
+    def __init__(self, provider: str = "fake", models: dict[str, Modality] | None = None) -> None:
+        self.provider = provider
+        self.models = models or {"echo": Modality.TEXT}
+        self.behaviours: dict[str, Callable[[GenerationRequest], BaseException | None]] = {}
+        self.words = ["hello", " ", "world"]
+        self.error_after: dict[str, tuple[int, BaseException]] = {}
+        self.delay_s = 0.0
+        self.requests: list[GenerationRequest] = []
+        self.cancelled = asyncio.Event()
+        self.closed = False
+
+    async def list_models(self) -> list[ModelInfo]:
+        return [ModelInfo(provider=self.provider, name=n, modality=m, context_length=128) for n, m in sorted(self.models.items())]
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        if request.model not in self.models:
+            raise ModelNotFound(f"{self.provider}/{request.model}")
+        self.requests.append(request)
+        behaviour = self.behaviours.get(request.model)
+        error = behaviour(request) if behaviour else None
+        if error is not None:
+            raise error
+        limit, late_error = self.error_after.get(request.model, (None, None))
+        try:
+            for i, word in enumerate(self.words):
+                if limit is not None and i == limit:
+                    assert late_error is not None
+                    raise late_error
+                if self.delay_s:
+                    await asyncio.sleep(self.delay_s)
+                yield TextChunk(word, (i,))
+            yield DoneChunk(FinishReason.STOP, Usage(prompt_tokens=3, completion_tokens=len(self.words)))
+        except (asyncio.CancelledError, GeneratorExit):
+            self.cancelled.set()
+            raise
+
+    async def aclose(self) -> None:
+        self.closed = True

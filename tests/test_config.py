@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pluggably.config import DEFAULT_MODEL_NAME, ConfigError, load_config
+
+
+def test_embedded_defaults_serve_the_tiny_model() -> None:
+    config = load_config(environ={})
+    assert config.server.port == 50051
+    assert [m.name for m in config.local.models] == [DEFAULT_MODEL_NAME]
+
+
+def test_file_then_environment_override(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("server:\n  port: 7000\n  grace_period_s: 3\naliases:\n  tiny: local/tiny-random-llama\n")
+    config = load_config(path, environ={"PLUGGABLY_SERVER__PORT": "7001"})
+    assert config.server.port == 7001 and config.server.grace_period_s == 3
+    assert config.aliases == {"tiny": "local/tiny-random-llama"}
+
+
+def test_environment_sets_lists(tmp_path: Path) -> None:
+    config = load_config(environ={"PLUGGABLY_LOCAL__MODELS": f"[{{name: a, path: {tmp_path}}}]"})
+    assert [(m.name, m.path) for m in config.local.models] == [("a", tmp_path)]
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("server:\n  port: 70000\n", "server.port"),
+        ("server:\n  prot: 1\n", "server.prot"),
+        ("local:\n  models:\n    - {name: a, path: /x, device: tpu}\n", "local.models.0.device"),
+        ("local:\n  models:\n    - {name: a, path: /x}\n    - {name: a, path: /y}\n", "local.models"),
+        ("aliases:\n  t: no-provider\n", "aliases"),
+        ("logging:\n  level: LOUD\n", "logging.level"),
+    ],
+)
+def test_invalid_file_names_the_field(tmp_path: Path, text: str, field: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={})
+    assert f"  {field}:" in str(caught.value) and str(path) in str(caught.value)
+
+
+def test_unreadable_or_malformed_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml", environ={})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("server: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad, environ={})
