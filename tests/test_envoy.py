@@ -282,3 +282,12 @@ async def test_every_http_mapping_reaches_the_server(fake_stack, http, method, v
         assert "not implemented by this server yet" in json.loads(text)["message"]
     else:
         assert grpc_status in (None, "0")
+
+
+async def test_rest_errors_carry_the_request_id(tiny_envoy, http) -> None:
+    async with http.post(f"{tiny_envoy.url}/v1/generate:stream", json={"model": "local/nope", "prompt": "x"},
+                         headers={"x-request-id": "err-7"}) as r:
+        assert r.status == 404
+        assert r.headers["x-request-id"] == "err-7"
+        info = next(d for d in (await r.json())["details"] if d["@type"].endswith("ErrorInfo"))
+    assert info["metadata"]["request_id"] == "err-7"

@@ -61,8 +61,9 @@ async def test_call_unary_and_stream(tiny_gateway) -> None:
     code, out, err = await grpcurl(tiny_gateway.port, "-d", json.dumps(request), "pluggably.v1.StreamService/StreamGenerate")
     assert code == 0, err
     chunks = [json.loads(part) for part in out.replace("}\n{", "}\x00{").split("\x00") if part.strip()]
-    assert "done" in chunks[-1] and all("textDelta" in c for c in chunks[:-1])
-    assert chunks[-1]["done"]["usage"]["completionTokens"] == 6
+    # grpcurl 1.8 prints proto field names (snake_case).
+    assert "done" in chunks[-1] and all("text_delta" in c for c in chunks[:-1])
+    assert chunks[-1]["done"]["usage"]["completion_tokens"] == 6
 
 
 async def test_errors_show_status_and_details(tiny_gateway) -> None:
@@ -71,7 +72,7 @@ async def test_errors_show_status_and_details(tiny_gateway) -> None:
     assert code != 0
     status = json.loads(out or err)
     assert status["code"] == 3
-    assert any(v["field"] == "text.temperature" for d in status["details"] for v in d.get("fieldViolations", []))
+    assert any(v["field"] == "text.temperature" for d in status["details"] for v in d.get("field_violations", []))
 
 
 @pytest.mark.parametrize("service", ["", "pluggably.v1.GenerateService"])

@@ -78,9 +78,11 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
     def _unary(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             call = _Call(method, context)
-            await call.begin()
+            call.begin()
             try:
-                return await behavior(request, context)
+                response = await behavior(request, context)
+                await call.send_headers()
+                return response
             except asyncio.CancelledError:
                 call.code = code_pb2.CANCELLED
                 raise
@@ -95,11 +97,13 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
     def _stream(self, method: str, behavior: StreamBehavior) -> StreamBehavior:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             call = _Call(method, context)
-            await call.begin()
+            call.begin()
             first: Message | None = None
             try:
                 async for message in behavior(request, context):
-                    first = first or message
+                    if first is None:
+                        await call.send_headers()
+                        first = message
                     call.messages += 1
                     yield message
             except (asyncio.CancelledError, GeneratorExit):
@@ -147,8 +151,12 @@ class _Call:
         self._token: contextvars.Token[str] | None = None
         self._start = time.perf_counter()
 
-    async def begin(self) -> None:
+    def begin(self) -> None:
         self._token = _request_id.set(self.request_id)
+
+    async def send_headers(self) -> None:
+        # Only together with the first response message: an error before it must leave the
+        # response trailers-only, which is what lets Envoy turn it into a 4xx/5xx HTTP status.
         await self.context.send_initial_metadata(((REQUEST_ID_HEADER, self.request_id),))
 
     def status_for(self, exc: BaseException) -> status_pb2.Status:
@@ -162,7 +170,9 @@ class _Call:
         """Aborts the RPC with the mapped status; returns only for errors grpc handles itself."""
         if isinstance(exc, grpc.aio.AbortError):
             return
-        await self.context.abort_with_status(rpc_status.to_status(self.status_for(exc)))
+        status = rpc_status.to_status(self.status_for(exc))
+        await self.context.abort(
+            status.code, status.details, (*status.trailing_metadata, (REQUEST_ID_HEADER, self.request_id)))
 
     def end(self) -> None:
         elapsed_ms = (time.perf_counter() - self._start) * 1000

@@ -53,8 +53,10 @@ class StreamServiceServicer:
         reason and usage. Takes the same request as `GenerateService.Generate`.
 
         Over REST the stream is Server-Sent Events (`text/event-stream`), one chunk per `data:`
-        event; the last event is either `done` or `error`. Errors found before the first chunk (bad
-        parameters, unknown model) end the call with a status instead, as in `Generate`.
+        event; the last event is either `done` or `error`. Errors found before the first chunk end
+        the call with a status instead, as in `Generate`: NOT_FOUND for an unknown model;
+        INVALID_ARGUMENT (with `BadRequest` field violations) for bad parameters; RESOURCE_EXHAUSTED
+        when the model's queue is full; UNAVAILABLE when no backend can serve the model now.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

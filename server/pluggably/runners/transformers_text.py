@@ -1,0 +1,967 @@
+"""Local text generation with Hugging Face `transformers` (provider `local`).
+
+Importing this module is cheap: `torch` and `transformers` are imported the first time a model is
+used, in a worker thread, so the event loop keeps serving while they (and the weights) load.
+
+Each generation runs `model.generate` in its own thread. A streamer hands the new token ids to the
+event loop (`loop.call_soon_threadsafe` into an `asyncio.Queue`); the async side turns them into
+text with `IncrementalDetokenizer` and applies stop sequences with `StopMatcher`. Stopping (a stop
+sequence, a cancelled or closed consumer, shutdown) sets a `threading.Event` that a
+`StoppingCriteria` checks after every token.
+
+Sampling never touches torch's global RNG: a logits processor samples with a per-request
+`torch.Generator` and hands `generate` a one-hot distribution that greedy decoding picks, so a
+seed gives the same tokens however many requests run at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import functools
+import importlib.util
+import json
+import logging
+import math
+import os
+import re
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pluggably.core.backend import Backend
+from pluggably.core.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    ModelNotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+from pluggably.core.textstream import IncrementalDetokenizer, StopMatcher
+from pluggably.core.types import (
+    Chunk,
+    DoneChunk,
+    FinishReason,
+    GenerationRequest,
+    Modality,
+    ModelInfo,
+    ModelState,
+    TextChunk,
+    TextParams,
+    Usage,
+)
+
+if TYPE_CHECKING:
+    from pluggably.core.params import ParameterSpec
+
+logger = logging.getLogger(__name__)
+
+PROVIDER = "local"
+
+#: Every text parameter of `core.params.TEXT_PARAMETERS` is supported.
+SUPPORTED_TEXT_PARAMS: tuple[str, ...] = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+)
+
+#: `provider_options` this backend understands (anything else is rejected).
+#: `ignore_eos` (bool, like vLLM's): keep generating after end-of-sequence tokens, up to max_tokens.
+PROVIDER_OPTIONS = frozenset({"ignore_eos"})
+
+_DTYPE_NAMES = {
+    "auto": "auto",
+    "float32": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_CONTEXT_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_sequence_length",
+    "seq_length",
+    "n_ctx",
+)
+#: How long `aclose` waits for each generation thread.
+_JOIN_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class LocalTextModel:
+    """One local model folder (a `save_pretrained` layout) served under `local/<name>`."""
+
+    name: str
+    path: Path
+    device: str = "auto"
+    dtype: str = "auto"
+    max_concurrency: int = 1
+    max_queue: int = 16
+    default_max_tokens: int = 256
+    context_length: int | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+        if not self.name or self.name.startswith("/") or self.name.endswith("/"):
+            raise ValueError(f"invalid local model name {self.name!r}")
+        if not _DEVICE_RE.match(self.device):
+            raise ValueError(
+                f"model {self.name!r}: device must be auto, cpu, mps, cuda or cuda:N, got {self.device!r}"
+            )
+        if self.dtype not in _DTYPE_NAMES:
+            raise ValueError(
+                f"model {self.name!r}: dtype must be one of {sorted(_DTYPE_NAMES)}, got {self.dtype!r}"
+            )
+        if self.max_concurrency < 1:
+            raise ValueError(f"model {self.name!r}: max_concurrency must be >= 1")
+        if self.max_queue < 0:
+            raise ValueError(f"model {self.name!r}: max_queue must be >= 0")
+        if self.default_max_tokens < 1:
+            raise ValueError(f"model {self.name!r}: default_max_tokens must be >= 1")
+        if self.context_length is not None and self.context_length < 2:
+            raise ValueError(f"model {self.name!r}: context_length must be >= 2")
+
+
+# --------------------------------------------------------------------------------------------
+# Runtime state
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Loaded:
+    model: Any
+    tokenizer: Any
+    device: Any  # torch.device
+    generation_config: Any  # the model's own GenerationConfig: never mutated, only copied
+    eos_ids: frozenset[int]
+    context_length: int
+    encode_lock: threading.Lock
+
+
+class _Slot:
+    """One configured model: its admission control and (once used) the loaded model."""
+
+    def __init__(self, cfg: LocalTextModel) -> None:
+        self.cfg = cfg
+        self.semaphore = asyncio.Semaphore(cfg.max_concurrency)
+        self.waiting = 0
+        self.loaded: _Loaded | None = None
+        self.load_task: asyncio.Task[_Loaded] | None = None
+        self.load_failed = False
+
+    @property
+    def model_id(self) -> str:
+        return f"{PROVIDER}/{self.cfg.name}"
+
+
+_END = object()
+
+
+@dataclass(frozen=True)
+class _Failure:
+    exc: BaseException
+
+
+class _Job:
+    """One generation thread and its channel to the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, slot: _Slot) -> None:
+        self.loop = loop
+        self.slot = slot
+        self.queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.stop = threading.Event()  # set: stop generating after the current token
+        self.shutdown = False  # set by `aclose`: the generation ends as CANCELLED
+        self.generated = 0  # tokens produced by the thread (written by the thread only)
+        self.thread: threading.Thread | None = None
+
+    def post(self, item: Any) -> None:
+        """Hands `item` to the event loop (thread-safe); a closed loop stops the generation."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # loop closed: nobody is listening any more
+            self.stop.set()
+
+
+# --------------------------------------------------------------------------------------------
+# The backend
+# --------------------------------------------------------------------------------------------
+
+
+class TransformersTextBackend(Backend):
+    """Serves local causal language models with `transformers`, one thread per generation."""
+
+    provider = PROVIDER
+
+    def __init__(self, models: Sequence[LocalTextModel]) -> None:
+        self._slots: dict[str, _Slot] = {}
+        for cfg in models:
+            if cfg.name in self._slots:
+                raise ValueError(f"local model {cfg.name!r} is configured twice")
+            self._slots[cfg.name] = _Slot(cfg)
+        self._jobs: set[_Job] = set()
+        self._closed = False
+        self._used_cuda = False
+
+    # ---- catalogue -----------------------------------------------------------------------
+
+    async def list_models(self) -> list[ModelInfo]:
+        return await asyncio.to_thread(
+            lambda: [self._describe(slot) for slot in self._slots.values()]
+        )
+
+    def _describe(self, slot: _Slot) -> ModelInfo:
+        cfg = slot.cfg
+        config = _read_json(cfg.path / "config.json")
+        ok = config is not None and cfg.path.is_dir()
+        context = cfg.context_length or (_context_from_config(config) if config else None) or 0
+        state = ModelState.AVAILABLE if ok and not slot.load_failed else ModelState.ERROR
+        return ModelInfo(
+            provider=PROVIDER,
+            name=cfg.name,
+            modality=Modality.TEXT,
+            state=state,
+            description=cfg.description,
+            context_length=context,
+            size_bytes=_folder_size(cfg.path),
+            loaded=slot.loaded is not None,
+        )
+
+    def parameters(self, model: ModelInfo) -> list[ParameterSpec]:
+        from pluggably.core.params import parameters_for
+
+        slot = self._slots.get(model.name)
+        defaults: dict[str, Any] = {}
+        if slot is not None:
+            defaults["max_tokens"] = slot.cfg.default_max_tokens
+            defaults.update(
+                _sampling_defaults(_read_json(slot.cfg.path / "generation_config.json"))
+            )
+        return parameters_for(Modality.TEXT, supported=SUPPORTED_TEXT_PARAMS, **defaults)
+
+    async def health(self) -> bool:
+        return not self._closed
+
+    def active_generations(self) -> int:
+        """Generation threads still running (including ones finishing after a cancel)."""
+        return len(self._jobs)
+
+    # ---- generation ----------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        slot = self._slots.get(request.model)
+        if slot is None:
+            raise ModelNotFound(f"{PROVIDER}/{request.model}")
+        if self._closed:
+            raise Unavailable("the local backend is shutting down", reason="BACKEND_SHUTTING_DOWN")
+        params = request.text
+        ignore_eos = _check_provider_options(request.provider_options)
+
+        if slot.loaded is not None:
+            configured_context: int | None = slot.loaded.context_length
+        else:
+            configured_context = slot.cfg.context_length or _context_from_config(
+                _read_json(slot.cfg.path / "config.json")
+            )
+        if (
+            configured_context
+            and params.max_tokens is not None
+            and params.max_tokens > configured_context
+        ):
+            raise InvalidArgument(
+                [
+                    FieldViolation(
+                        "text.max_tokens",
+                        f"must be at most the context length of model {slot.model_id!r} "
+                        f"({configured_context} tokens), got {params.max_tokens}",
+                    )
+                ]
+            )
+
+        loaded = await self._ensure_loaded(slot)
+        prompt_ids = await asyncio.to_thread(_encode, loaded, request, slot.model_id)
+        max_new_tokens = _check_lengths(slot, loaded, request, len(prompt_ids))
+
+        # Admission: at most `max_concurrency` running, at most `max_queue` waiting.
+        if slot.semaphore.locked() and slot.waiting >= slot.cfg.max_queue:
+            raise ResourceExhausted(
+                f"model {slot.model_id!r} has too many queued requests; retry later",
+                subject=slot.model_id,
+                reason="MODEL_QUEUE_FULL",
+                retry_after_s=1.0,
+            )
+        slot.waiting += 1
+        try:
+            await slot.semaphore.acquire()
+        finally:
+            slot.waiting -= 1
+
+        job: _Job | None = None
+        try:
+            if self._closed:
+                raise Unavailable(
+                    "the local backend is shutting down", reason="BACKEND_SHUTTING_DOWN"
+                )
+            job = _Job(asyncio.get_running_loop(), slot)
+            gen_kwargs = _generation_kwargs(
+                loaded, params, prompt_ids, max_new_tokens, job, ignore_eos
+            )
+            self._start(job, loaded, gen_kwargs)
+        except BaseException:
+            if job is None or job.thread is None:
+                slot.semaphore.release()
+            raise
+
+        stream = self._stream(job, loaded, params, prompt_ids, max_new_tokens, ignore_eos)
+        try:
+            async with contextlib.aclosing(stream):
+                async for chunk in stream:
+                    yield chunk
+        finally:
+            # Never wait for the thread here: it stops within one token and then releases the
+            # slot's permit itself.
+            job.stop.set()
+
+    def _start(self, job: _Job, loaded: _Loaded, gen_kwargs: dict[str, Any]) -> None:
+        slot = job.slot
+
+        def run() -> None:
+            try:
+                import torch
+
+                with torch.inference_mode():
+                    loaded.model.generate(**gen_kwargs)
+            except BaseException as exc:  # reported to the consumer, logged there
+                job.post(_Failure(exc))
+            finally:
+                job.post(_END)
+                self._jobs.discard(job)
+                with contextlib.suppress(RuntimeError):  # loop closed: nothing left to release
+                    job.loop.call_soon_threadsafe(slot.semaphore.release)
+
+        job.thread = threading.Thread(
+            target=run, name=f"pluggably-generate:{slot.cfg.name}", daemon=True
+        )
+        self._jobs.add(job)
+        try:
+            job.thread.start()
+        except BaseException:
+            self._jobs.discard(job)
+            job.thread = None
+            raise
+
+    async def _stream(
+        self,
+        job: _Job,
+        loaded: _Loaded,
+        params: TextParams,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        ignore_eos: bool,
+    ) -> AsyncIterator[Chunk]:
+        tokenizer = loaded.tokenizer
+        detok = IncrementalDetokenizer(
+            lambda ids: tokenizer.decode(
+                ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+            ),
+            context_ids=prompt_ids,
+        )
+        matcher = StopMatcher(params.stop)
+        eos_ids = frozenset() if ignore_eos else loaded.eos_ids
+        completion = 0
+        finish: FinishReason | None = None
+        stop_sequence = ""
+
+        def feed(piece: str, out: list[str]) -> bool:
+            """Runs text through the stop matcher; True when a stop sequence completed."""
+            nonlocal finish, stop_sequence
+            safe, matched = matcher.push(piece)
+            if safe:
+                out.append(safe)
+            if matched is not None:
+                finish, stop_sequence = FinishReason.STOP, matched
+                job.stop.set()
+                return True
+            return False
+
+        while finish is None:
+            items = [await job.queue.get()]
+            while not job.queue.empty():
+                items.append(job.queue.get_nowait())
+            texts: list[str] = []
+            ids: list[int] = []
+            ended = False
+            for item in items:
+                if item is _END:
+                    ended = True
+                    break
+                if isinstance(item, _Failure):
+                    raise self._generation_error(job.slot, item.exc)
+                for token_id in item:
+                    completion += 1
+                    ids.append(token_id)
+                    if token_id in eos_ids:
+                        finish = FinishReason.STOP
+                        break
+                    if feed(detok.push((token_id,)), texts):
+                        break
+                if finish is not None:
+                    break
+            if finish is not None or ended:
+                if not stop_sequence and not feed(detok.flush(), texts):
+                    texts.append(matcher.flush())
+                if finish is None:
+                    if job.shutdown:
+                        finish = FinishReason.CANCELLED
+                    elif completion >= max_new_tokens:
+                        finish = FinishReason.LENGTH
+                    else:  # stopped by the model's own criteria (e.g. its stop strings)
+                        finish = FinishReason.STOP
+            if ids or any(texts):
+                yield TextChunk("".join(texts), tuple(ids))
+        yield DoneChunk(
+            finish,
+            Usage(prompt_tokens=len(prompt_ids), completion_tokens=completion),
+            stop_sequence,
+        )
+
+    def _generation_error(self, slot: _Slot, exc: BaseException) -> Exception:
+        if type(exc).__name__ == "OutOfMemoryError":
+            logger.warning("model %s ran out of memory while generating", slot.model_id)
+            return ResourceExhausted(
+                f"model {slot.model_id!r} ran out of memory; retry later or with fewer tokens",
+                subject=slot.model_id,
+                reason="MODEL_OUT_OF_MEMORY",
+                retry_after_s=1.0,
+            )
+        logger.error("generation with model %s failed", slot.model_id, exc_info=exc)
+        return Unavailable(
+            f"generation with model {slot.model_id!r} failed", reason="GENERATION_FAILED"
+        )
+
+    # ---- loading -------------------------------------------------------------------------
+
+    async def _ensure_loaded(self, slot: _Slot) -> _Loaded:
+        if slot.loaded is not None:
+            return slot.loaded
+        if slot.load_task is None:
+            slot.load_task = asyncio.get_running_loop().create_task(self._load(slot))
+            # Retrieved here so a load that nobody awaits any more is not reported as unhandled.
+            slot.load_task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        task = slot.load_task
+        try:
+            # Shielded: a cancelled request must not abort a load that others wait for.
+            return await asyncio.shield(task)
+        finally:
+            if task.done() and slot.load_task is task and (task.cancelled() or task.exception()):
+                slot.load_task = None  # the next request tries again
+
+    async def _load(self, slot: _Slot) -> _Loaded:
+        try:
+            loaded = await asyncio.to_thread(_load_model, slot.cfg, slot.model_id)
+        except Exception:
+            slot.load_failed = True
+            logger.exception("loading local model %s failed", slot.model_id)
+            raise FailedPrecondition(
+                f"model {slot.model_id!r} could not be loaded; see the server log",
+                reason="MODEL_LOAD_FAILED",
+                metadata={"model": slot.model_id},
+            ) from None
+        if self._closed:
+            raise Unavailable("the local backend is shutting down", reason="BACKEND_SHUTTING_DOWN")
+        slot.loaded = loaded
+        slot.load_failed = False
+        if loaded.device.type == "cuda":
+            self._used_cuda = True
+        logger.info("loaded local model %s on %s", slot.model_id, loaded.device)
+        return loaded
+
+    # ---- shutdown ------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        self._closed = True
+        jobs = list(self._jobs)
+        for job in jobs:
+            job.shutdown = True
+            job.stop.set()
+        for job in jobs:
+            if job.thread is not None:
+                await asyncio.to_thread(job.thread.join, _JOIN_TIMEOUT_S)
+                if job.thread.is_alive():
+                    logger.warning(
+                        "a generation thread of %s did not stop in time", job.slot.model_id
+                    )
+        for slot in self._slots.values():
+            if slot.load_task is not None and not slot.load_task.done():
+                with contextlib.suppress(BaseException):
+                    await slot.load_task
+            slot.loaded = None
+            slot.load_task = None
+        if self._used_cuda and "torch" in sys.modules:
+            import gc
+
+            gc.collect()
+            torch = sys.modules["torch"]
+            with contextlib.suppress(Exception):
+                torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers that run without torch
+# --------------------------------------------------------------------------------------------
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _context_from_config(config: dict[str, Any] | None) -> int | None:
+    if not config:
+        return None
+    for section in (config, config.get("text_config")):
+        if not isinstance(section, dict):
+            continue
+        for key in _CONTEXT_KEYS:
+            value = section.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def _folder_size(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.stat(os.path.join(root, name)).st_size  # follows HF cache symlinks
+    return total
+
+
+def _sampling_defaults(gen_config: dict[str, Any] | None) -> dict[str, Any]:
+    """Documented defaults taken from a model's `generation_config.json`."""
+    if not gen_config:
+        return {"temperature": 0.0}  # transformers' default is greedy decoding
+    out: dict[str, Any] = {}
+    if gen_config.get("do_sample"):
+        out["temperature"] = float(gen_config.get("temperature") or 1.0)
+        if isinstance(gen_config.get("top_p"), int | float):
+            out["top_p"] = float(gen_config["top_p"])
+        if isinstance(gen_config.get("top_k"), int) and gen_config["top_k"] > 0:
+            out["top_k"] = gen_config["top_k"]
+    else:
+        out["temperature"] = 0.0
+    if isinstance(gen_config.get("repetition_penalty"), int | float):
+        out["repetition_penalty"] = float(gen_config["repetition_penalty"])
+    return out
+
+
+def _check_provider_options(options: dict[str, Any]) -> bool:
+    violations = [
+        FieldViolation(f"provider_options.{key}", "not supported by local models")
+        for key in sorted(set(options) - PROVIDER_OPTIONS)
+    ]
+    ignore_eos = options.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        violations.append(FieldViolation("provider_options.ignore_eos", "must be a boolean"))
+    if violations:
+        raise InvalidArgument(violations)
+    return ignore_eos
+
+
+def _check_lengths(
+    slot: _Slot, loaded: _Loaded, request: GenerationRequest, prompt_tokens: int
+) -> int:
+    """Validates that prompt and output fit the context; returns max_new_tokens."""
+    context = loaded.context_length
+    prompt_field = "messages" if request.is_chat else "prompt"
+    requested = request.text.max_tokens
+    if requested is not None and requested > context:
+        raise InvalidArgument(
+            [
+                FieldViolation(
+                    "text.max_tokens",
+                    f"must be at most the context length of model {slot.model_id!r} ({context} tokens), "
+                    f"got {requested}",
+                )
+            ]
+        )
+    if prompt_tokens >= context:
+        raise InvalidArgument(
+            [
+                FieldViolation(
+                    prompt_field,
+                    f"the prompt has {prompt_tokens} tokens, which leaves no room to generate in the "
+                    f"{context}-token context of model {slot.model_id!r}",
+                )
+            ]
+        )
+    if requested is None:
+        return min(slot.cfg.default_max_tokens, context - prompt_tokens)
+    if prompt_tokens + requested > context:
+        raise InvalidArgument(
+            [
+                FieldViolation(
+                    "text.max_tokens",
+                    f"the prompt has {prompt_tokens} tokens and the context of model {slot.model_id!r} is "
+                    f"{context} tokens, so max_tokens can be at most {context - prompt_tokens}, got {requested}",
+                )
+            ]
+        )
+    return requested
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers that run in worker threads (torch / transformers imported lazily)
+# --------------------------------------------------------------------------------------------
+
+
+def _resolve_device(name: str, torch: Any) -> Any:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available")
+    return device
+
+
+def _resolve_dtype(name: str, device: Any, torch: Any) -> Any:
+    name = _DTYPE_NAMES[name]
+    if name == "auto":
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            major, _minor = torch.cuda.get_device_capability(index)
+            return torch.bfloat16 if major >= 8 else torch.float16
+        if device.type == "mps":
+            return torch.float16
+        return torch.float32
+    return getattr(torch, name)
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Keeps transformers' tqdm bars (e.g. "Loading weights") off the server's stderr."""
+    from transformers.utils import logging as hf_logging
+
+    if hf_logging.is_progress_bar_enabled():
+        hf_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            hf_logging.enable_progress_bar()
+    else:
+        yield
+
+
+def _load_model(cfg: LocalTextModel, model_id: str) -> _Loaded:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (cfg.path / "config.json").is_file():
+        raise FileNotFoundError(f"{cfg.path} holds no config.json")
+    device = _resolve_device(cfg.device, torch)
+    dtype = _resolve_dtype(cfg.dtype, device, torch)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.path, local_files_only=True)
+    # The first encode call may reconfigure the Rust tokenizer (turning off padding/truncation
+    # stored in tokenizer.json), which must not race with decoding on the event loop later.
+    tokenizer("warm-up")
+    kwargs: dict[str, Any] = {"local_files_only": True, "dtype": dtype}
+    direct = device.type != "cpu" and importlib.util.find_spec("accelerate") is not None
+    if direct:
+        kwargs["device_map"] = device  # weights go straight to the device, not through host RAM
+    with _no_progress_bars():
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
+    if not direct:
+        model.to(device)
+    model.eval()
+    gen_config = copy.deepcopy(model.generation_config)
+
+    eos = gen_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    eos_ids = frozenset([eos] if isinstance(eos, int) else list(eos or ()))
+    if gen_config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        gen_config.pad_token_id = tokenizer.pad_token_id
+    if gen_config.pad_token_id is None and eos_ids:
+        gen_config.pad_token_id = min(eos_ids)  # what transformers would do, without the warning
+
+    context = cfg.context_length or _context_from_config(model.config.to_dict())
+    if not context:
+        context = int(getattr(tokenizer, "model_max_length", 0) or 0)
+        if not 0 < context < 10**7:  # transformers' "unknown" is a huge number
+            raise RuntimeError(
+                f"cannot tell the context length of {model_id}; configure context_length"
+            )
+    return _Loaded(
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        generation_config=gen_config,
+        eos_ids=eos_ids,
+        context_length=context,
+        encode_lock=threading.Lock(),
+    )
+
+
+def _encode(loaded: _Loaded, request: GenerationRequest, model_id: str) -> list[int]:
+    tokenizer = loaded.tokenizer
+    with loaded.encode_lock:  # HF fast tokenizers are not safe to encode from several threads
+        if not request.is_chat:
+            return list(tokenizer(request.prompt or "", add_special_tokens=True)["input_ids"])
+        if not getattr(tokenizer, "chat_template", None):
+            raise InvalidArgument(
+                [
+                    FieldViolation(
+                        "messages",
+                        f"model {model_id!r} has no chat template; send a prompt instead",
+                    )
+                ]
+            )
+        messages = []
+        for m in request.messages:
+            entry = {"role": m.role, "content": m.content}
+            if m.name:
+                entry["name"] = m.name
+            messages.append(entry)
+        from jinja2 import TemplateError
+
+        try:
+            try:
+                ids = tokenizer.apply_chat_template(
+                    messages,
+                    add_generation_prompt=True,
+                    tokenize=True,
+                    return_dict=False,
+                    # Control tokens typed by the client are encoded as plain text.
+                    sanitize_control_tokens=True,
+                )
+            except NotImplementedError:  # the template writes no control tokens at all
+                ids = tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+        except TemplateError as exc:
+            # The template's own `raise_exception` messages are written for users.
+            detail = str(exc)[:200]
+            raise InvalidArgument(
+                [
+                    FieldViolation(
+                        "messages",
+                        f"the chat template of model {model_id!r} rejected the conversation: {detail}",
+                    )
+                ]
+            ) from None
+    return list(ids)
+
+
+@functools.cache
+def _torch_classes() -> Any:
+    """Classes that subclass transformers types, defined on first use."""
+    import torch
+    from transformers import (
+        LogitsProcessor,
+        MinPLogitsWarper,
+        StoppingCriteria,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+        TypicalLogitsWarper,
+    )
+    from transformers.generation.streamers import BaseStreamer
+
+    class QueueStreamer(BaseStreamer):
+        """Hands each new token id to the event loop; the first `put` is the prompt."""
+
+        def __init__(self, job: _Job) -> None:
+            self._job = job
+            self._prompt_seen = False
+
+        def put(self, value: Any) -> None:
+            if not self._prompt_seen:
+                self._prompt_seen = True
+                return
+            ids = value.reshape(-1).tolist()
+            self._job.generated += len(ids)
+            self._job.post(ids)
+
+        def end(self) -> None:
+            pass  # the thread posts the end marker itself, also on errors
+
+    class EventStoppingCriteria(StoppingCriteria):
+        def __init__(self, event: threading.Event) -> None:
+            self._event = event
+
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            return torch.full(
+                (input_ids.shape[0],),
+                self._event.is_set(),
+                dtype=torch.bool,
+                device=input_ids.device,
+            )
+
+    class PresenceFrequencyPenalty(LogitsProcessor):
+        """OpenAI's presence and frequency penalties, over the generated tokens only."""
+
+        def __init__(self, prompt_length: int, presence: float, frequency: float) -> None:
+            self._prompt_length = prompt_length
+            self._presence = presence
+            self._frequency = frequency
+
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            generated = input_ids[:, self._prompt_length :]
+            if generated.shape[1] == 0:
+                return scores
+            counts = torch.zeros_like(scores)
+            counts.scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+            return (
+                scores - self._frequency * counts - self._presence * (counts > 0).to(scores.dtype)
+            )
+
+    class SeededSampler(LogitsProcessor):
+        """Warps and samples with its own generator, then leaves only the chosen token."""
+
+        def __init__(self, warpers: list[Any], seed: int | None) -> None:
+            self._warpers = warpers
+            self._seed = seed
+            self._generator: Any = None
+
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            for warper in self._warpers:
+                scores = warper(input_ids, scores)
+            if self._generator is None:
+                self._generator = torch.Generator(device=scores.device)
+                if self._seed is None:
+                    self._generator.seed()
+                else:
+                    self._generator.manual_seed(self._seed % (2**64))
+            probs = torch.softmax(scores.float(), dim=-1)
+            chosen = torch.multinomial(probs, num_samples=1, generator=self._generator)
+            out = torch.full_like(scores, -math.inf)
+            return out.scatter_(1, chosen, 0.0)
+
+    return {
+        "QueueStreamer": QueueStreamer,
+        "EventStoppingCriteria": EventStoppingCriteria,
+        "PresenceFrequencyPenalty": PresenceFrequencyPenalty,
+        "SeededSampler": SeededSampler,
+        "TemperatureLogitsWarper": TemperatureLogitsWarper,
+        "TopKLogitsWarper": TopKLogitsWarper,
+        "TopPLogitsWarper": TopPLogitsWarper,
+        "MinPLogitsWarper": MinPLogitsWarper,
+        "TypicalLogitsWarper": TypicalLogitsWarper,
+    }
+
+
+def _generation_kwargs(
+    loaded: _Loaded,
+    params: TextParams,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    job: _Job,
+    ignore_eos: bool,
+) -> dict[str, Any]:
+    import torch
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    c = _torch_classes()
+    base = loaded.generation_config
+    gc = copy.deepcopy(base)
+
+    sample_by_default = bool(base.do_sample)
+    wants_sampling = any(v is not None for v in (params.top_p, params.top_k, params.seed))
+    if params.temperature is not None:
+        temperature = params.temperature
+    elif sample_by_default or wants_sampling:
+        temperature = (
+            base.temperature if sample_by_default and base.temperature is not None else 1.0
+        )
+    else:
+        temperature = 0.0
+    greedy = temperature <= 0.0
+
+    processors: list[Any] = []
+    if params.presence_penalty or params.frequency_penalty:
+        processors.append(
+            c["PresenceFrequencyPenalty"](
+                len(prompt_ids), params.presence_penalty or 0.0, params.frequency_penalty or 0.0
+            )
+        )
+    if not greedy:
+        top_k = (
+            params.top_k
+            if params.top_k is not None
+            else (base.top_k if sample_by_default else None)
+        )
+        top_p = (
+            params.top_p
+            if params.top_p is not None
+            else (base.top_p if sample_by_default else None)
+        )
+        warpers: list[Any] = []
+        if temperature != 1.0:
+            warpers.append(c["TemperatureLogitsWarper"](temperature))
+        if top_k:
+            warpers.append(c["TopKLogitsWarper"](top_k=top_k))
+        if top_p is not None and top_p < 1.0:
+            warpers.append(c["TopPLogitsWarper"](top_p=top_p))
+        if sample_by_default and base.min_p is not None:
+            warpers.append(c["MinPLogitsWarper"](min_p=base.min_p))
+        if sample_by_default and base.typical_p is not None and base.typical_p < 1.0:
+            warpers.append(c["TypicalLogitsWarper"](mass=base.typical_p))
+        processors.append(c["SeededSampler"](warpers, params.seed))
+
+    # `generate` itself always decodes greedily: sampling (if any) happened in SeededSampler.
+    # Sampling-only fields are reset to their neutral values so transformers neither applies
+    # them nor warns about them.
+    gc.do_sample = False
+    gc.temperature = 1.0
+    gc.top_p = 1.0
+    gc.top_k = 50
+    gc.min_p = None
+    gc.typical_p = 1.0
+    gc.num_beams = 1
+    gc.num_return_sequences = 1
+    # An explicit max_length (not max_new_tokens) keeps transformers from warning about models
+    # whose generation_config.json sets max_length.
+    gc.max_length = len(prompt_ids) + max_new_tokens
+    gc.max_new_tokens = None
+    gc.min_length = None
+    gc.min_new_tokens = None
+    gc.max_time = None
+    gc.stop_strings = None
+    if params.repetition_penalty is not None:
+        gc.repetition_penalty = params.repetition_penalty
+    if ignore_eos:
+        gc.eos_token_id = []  # not None: None would be refilled from the model's config
+    gc.return_dict_in_generate = False
+    gc.output_scores = False
+    gc.output_logits = False
+
+    input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=loaded.device)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "generation_config": gc,
+        "logits_processor": LogitsProcessorList(processors),
+        "stopping_criteria": StoppingCriteriaList([c["EventStoppingCriteria"](job.stop)]),
+        "streamer": c["QueueStreamer"](job),
+        "tokenizer": loaded.tokenizer,  # only used if the model's own config has stop strings
+    }
