@@ -4,7 +4,7 @@ Importing this module is cheap: `torch` and `transformers` are imported the firs
 used, in a worker thread, so the event loop keeps serving while they (and the weights) load.
 
 Each generation runs `model.generate` in its own thread. A streamer hands the new token ids to the
-event loop (`loop.call_soon_threadsafe` into an `asyncio.Queue`); the async side turns them into
+event loop (a locked deque plus at most one pending wake-up, see `_Job`); the async side turns them into
 text with `IncrementalDetokenizer` and applies stop sequences with `StopMatcher`. Stopping (a stop
 sequence, a cancelled or closed consumer, shutdown) sets a `threading.Event` that a
 `StoppingCriteria` checks after every token.
@@ -17,6 +17,7 @@ seed gives the same tokens however many requests run at once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import copy
 import functools
@@ -164,6 +165,7 @@ class _Slot:
         self.loaded: _Loaded | None = None
         self.load_task: asyncio.Task[_Loaded] | None = None
         self.load_failed = False
+        self.files: tuple[bool, int, int] | None = None  # (usable, context length, bytes on disk)
 
     @property
     def model_id(self) -> str:
@@ -179,23 +181,50 @@ class _Failure:
 
 
 class _Job:
-    """One generation thread and its channel to the event loop."""
+    """One generation thread and its channel to the event loop.
+
+    The thread appends to a locked deque and wakes the loop only when no wake-up is already
+    pending, so a consumer that falls behind drains many tokens per wake-up instead of paying a
+    loop iteration per token (with a tiny model that per-token cost rivals the model's own).
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, slot: _Slot) -> None:
         self.loop = loop
         self.slot = slot
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.stop = threading.Event()  # set: stop generating after the current token
         self.shutdown = False  # set by `aclose`: the generation ends as CANCELLED
         self.generated = 0  # tokens produced by the thread (written by the thread only)
         self.thread: threading.Thread | None = None
+        self._items: collections.deque[Any] = collections.deque()
+        self._lock = threading.Lock()
+        self._wakeup_pending = False
+        self._ready = asyncio.Event()
 
     def post(self, item: Any) -> None:
         """Hands `item` to the event loop (thread-safe); a closed loop stops the generation."""
+        with self._lock:
+            self._items.append(item)
+            if self._wakeup_pending:
+                return
+            self._wakeup_pending = True
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            self.loop.call_soon_threadsafe(self._ready.set)
         except RuntimeError:  # loop closed: nobody is listening any more
             self.stop.set()
+
+    async def take(self) -> list[Any]:
+        """Everything posted since the last call; waits while there is nothing."""
+        while True:
+            with self._lock:
+                self._wakeup_pending = False
+                if self._items:
+                    items = list(self._items)
+                    self._items.clear()
+                    return items
+            # No await between the check and clear(): a set() scheduled by `post` after the
+            # check runs on this loop later, so it cannot be lost.
+            self._ready.clear()
+            await self._ready.wait()
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,24 +250,33 @@ class TransformersTextBackend(Backend):
     # ---- catalogue -----------------------------------------------------------------------
 
     async def list_models(self) -> list[ModelInfo]:
-        return await asyncio.to_thread(
-            lambda: [self._describe(slot) for slot in self._slots.values()]
-        )
+        # Files are read once per model (routing asks for every request); the registry's
+        # rescan will refresh them when it lands.
+        unread = [slot for slot in self._slots.values() if slot.files is None or not slot.files[0]]
+        if unread:
+            await asyncio.to_thread(lambda: [self._read_files(slot) for slot in unread])
+        return [self._describe(slot) for slot in self._slots.values()]
 
-    def _describe(self, slot: _Slot) -> ModelInfo:
+    @staticmethod
+    def _read_files(slot: _Slot) -> None:
         cfg = slot.cfg
         config = _read_json(cfg.path / "config.json")
         ok = config is not None and cfg.path.is_dir()
         context = cfg.context_length or (_context_from_config(config) if config else None) or 0
+        slot.files = (ok, context, _folder_size(cfg.path) if ok else 0)
+
+    def _describe(self, slot: _Slot) -> ModelInfo:
+        assert slot.files is not None
+        ok, context, size = slot.files
         state = ModelState.AVAILABLE if ok and not slot.load_failed else ModelState.ERROR
         return ModelInfo(
             provider=PROVIDER,
-            name=cfg.name,
+            name=slot.cfg.name,
             modality=Modality.TEXT,
             state=state,
-            description=cfg.description,
+            description=slot.cfg.description,
             context_length=context,
-            size_bytes=_folder_size(cfg.path),
+            size_bytes=size,
             loaded=slot.loaded is not None,
         )
 
@@ -400,9 +438,7 @@ class TransformersTextBackend(Backend):
             return False
 
         while finish is None:
-            items = [await job.queue.get()]
-            while not job.queue.empty():
-                items.append(job.queue.get_nowait())
+            items = await job.take()
             texts: list[str] = []
             ids: list[int] = []
             ended = False
