@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -153,12 +154,24 @@ def configure_logging(config: Config) -> None:
     root.setLevel(config.logging.level)
 
 
+def process_age_s(fallback_start: float) -> float:
+    """Seconds since this process started (interpreter start-up and imports included) on Linux;
+    elsewhere, since `fallback_start`."""
+    try:
+        with open("/proc/self/stat") as stat:
+            start_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as uptime:
+            return float(uptime.read().split()[0]) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - fallback_start
+
+
 async def serve(config: Config, started_at: float) -> None:
     server = GatewayServer(config)
     port = await server.start()
     log.info(
-        "pluggably serving on %s:%d (SERVING %.0f ms after start; models: %s)",
-        config.server.host, port, (time.perf_counter() - started_at) * 1000,
+        "pluggably serving on %s:%d (SERVING %.2f s after process start; models: %s)",
+        config.server.host, port, process_age_s(started_at),
         ", ".join(m.id for m in await server.router.list_models()) or "none",
     )
     loop = asyncio.get_running_loop()
