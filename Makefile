@@ -65,6 +65,7 @@ lint: install
 
 bench: install model
 	$(PY) bench/bench_text.py --model-dir $(MODEL_DIR)
+	$(PY) bench/bench_text.py --model-dir var/models/small-random-llama --size small --runs 5 --startup-runs 0
 
 clean:
 	rm -rf $(VENV) node_modules var .pytest_cache

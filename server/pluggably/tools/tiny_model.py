@@ -106,16 +106,18 @@ def add(a, b):
 """
 
 
-def build_tiny_model(out_dir: Path, *, seed: int = 0) -> Path:
+def build_tiny_model(out_dir: Path, *, seed: int = 0, hidden_size: int = 64, num_layers: int = 2) -> Path:
     """Builds the tiny model into `out_dir` (created, existing files overwritten) and returns it.
 
-    Deterministic: the same `seed` always gives byte-identical weights and tokenizer.
+    Deterministic: the same `seed` always gives byte-identical weights and tokenizer. Larger
+    `hidden_size`/`num_layers` give a random model whose compute, not Python overhead, dominates
+    each token (for benchmarks).
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        _build_into(tmp, seed)
+        _build_into(tmp, seed, hidden_size, num_layers)
         _install(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -127,7 +129,7 @@ def is_complete(model_dir: Path) -> bool:
     return all((Path(model_dir) / name).is_file() for name in MODEL_FILES)
 
 
-def _build_into(folder: Path, seed: int) -> None:
+def _build_into(folder: Path, seed: int, hidden_size: int, num_layers: int) -> None:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import (
@@ -180,11 +182,11 @@ def _build_into(folder: Path, seed: int) -> None:
     # --- model -----------------------------------------------------------------------------
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=max(4, hidden_size // 64),
+        num_key_value_heads=max(4, hidden_size // 64),
         max_position_embeddings=CONTEXT_LENGTH,
         tie_word_embeddings=True,
         bos_token_id=bos_id,
