@@ -69,7 +69,8 @@ async def test_page_token_is_bound_to_its_filters(stub) -> None:
 
 
 async def test_get_model_by_id_and_alias(stub) -> None:
-    assert (await stub.GetModel(model_service_pb2.GetModelRequest(id="fav"))).id == "alpha/m03"
+    by_alias = await stub.GetModel(model_service_pb2.GetModelRequest(id="fav"))
+    assert by_alias.id == "alpha/m03" and list(by_alias.aliases) == ["fav"]
     model = await stub.GetModel(model_service_pb2.GetModelRequest(id="beta/solo"))
     assert model.provider == "beta" and model.name == "solo" and model.modality == model_pb2.MODALITY_TEXT
     assert model.state == model_pb2.MODEL_STATE_AVAILABLE

@@ -33,6 +33,10 @@ class Backend(abc.ABC):
     async def list_models(self) -> list[ModelInfo]:
         """The models this backend can serve now."""
 
+    async def get_model(self, name: str) -> ModelInfo | None:
+        """One model by backend-local name; None when unknown. Override when listing is costly."""
+        return next((m for m in await self.list_models() if m.name == name), None)
+
     @abc.abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         """Generates for `request.model`, yielding output chunks and finally one `DoneChunk`.

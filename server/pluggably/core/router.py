@@ -68,10 +68,11 @@ class Router:
 
     async def get_model(self, model: str) -> ModelInfo:
         route = self.resolve(model)
-        for info in await self.list_models():
-            if info.id == route.model_id:
-                return info
-        raise ModelNotFound(model)
+        info = await route.backend.get_model(route.name)
+        if info is None:
+            raise ModelNotFound(model)
+        aliases = tuple(sorted(a for a, target in self._aliases.items() if target == info.id))
+        return dataclasses.replace(info, aliases=aliases)
 
     async def parameters(self, model: str) -> tuple[str, list[ParameterSpec]]:
         info = await self.get_model(model)
