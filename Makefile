@@ -7,6 +7,8 @@ PY          := $(VENV)/bin/python
 BUF         := node_modules/.bin/buf
 GRPC_PORT   ?= 50051
 HTTP_PORT   ?= 8080
+HTTP_HOST   ?= 127.0.0.1
+ADMIN_PORT  ?= 9901
 MODEL_DIR   := var/models/tiny-random-llama
 PROTOS      := $(wildcard proto/pluggably/v1/*.proto)
 PYTEST_ARGS ?=
@@ -42,7 +44,7 @@ $(MODEL_DIR)/config.json: | $(VENV)/.installed
 	$(VENV)/bin/pluggably-make-tiny-model $(MODEL_DIR)
 
 run: install model
-	GRPC_PORT=$(GRPC_PORT) HTTP_PORT=$(HTTP_PORT) scripts/run.sh
+	GRPC_PORT=$(GRPC_PORT) HTTP_PORT=$(HTTP_PORT) HTTP_HOST=$(HTTP_HOST) ADMIN_PORT=$(ADMIN_PORT) scripts/run.sh
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -6,10 +6,13 @@ cd "$(dirname "$0")/.."
 
 GRPC_PORT=${GRPC_PORT:-50051}
 HTTP_PORT=${HTTP_PORT:-8080}
+HTTP_HOST=${HTTP_HOST:-127.0.0.1}  # 0.0.0.0 exposes Envoy beyond this machine (no auth yet)
+ADMIN_PORT=${ADMIN_PORT:-9901}     # Envoy's admin interface, always on 127.0.0.1
 mkdir -p var
 # The shipped Envoy config uses the default ports; other ports get a rendered copy.
-sed -e "s/port_value: 50051/port_value: ${GRPC_PORT}/" -e "s/port_value: 8080/port_value: ${HTTP_PORT}/" \
-    envoy/envoy.yaml > var/envoy.yaml
+sed -e "s/port_value: 50051/port_value: ${GRPC_PORT}/" -e "s/port_value: 9901/port_value: ${ADMIN_PORT}/" \
+    -e "s/address: 127.0.0.1, port_value: 8080/address: ${HTTP_HOST}, port_value: ${HTTP_PORT}/" \
+    envoy/envoy.yaml > "var/envoy-${HTTP_PORT}.yaml"
 
 server_pid=""; envoy_pid=""
 stop() {
@@ -28,7 +31,7 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 
-.venv/bin/envoy -c var/envoy.yaml --log-level warn &
+.venv/bin/envoy -c "var/envoy-${HTTP_PORT}.yaml" --log-level warn --disable-hot-restart &
 envoy_pid=$!
 for _ in $(seq 100); do
     if curl -fsS "http://localhost:${HTTP_PORT}/openapi.json" >/dev/null 2>&1; then break; fi
