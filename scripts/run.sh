@@ -15,11 +15,13 @@ sed -e "s/port_value: 50051/port_value: ${GRPC_PORT}/" -e "s/port_value: 9901/po
     envoy/envoy.yaml > "var/envoy-${HTTP_PORT}.yaml"
 
 server_pid=""; envoy_pid=""
+# The server drains first (in-flight requests get its grace period, still through Envoy), then
+# Envoy stops. Envoy runs in its own session so that Ctrl-C reaches only this script and the
+# server, not Envoy.
 stop() {
     trap - EXIT INT TERM
-    [ -n "$envoy_pid" ] && kill -TERM "$envoy_pid" 2>/dev/null || true
-    [ -n "$server_pid" ] && kill -TERM "$server_pid" 2>/dev/null || true
-    wait 2>/dev/null || true
+    if [ -n "$server_pid" ]; then kill -TERM "$server_pid" 2>/dev/null || true; wait "$server_pid" 2>/dev/null || true; fi
+    if [ -n "$envoy_pid" ]; then kill -TERM "$envoy_pid" 2>/dev/null || true; wait "$envoy_pid" 2>/dev/null || true; fi
 }
 trap stop EXIT INT TERM
 
@@ -31,7 +33,7 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 
-.venv/bin/envoy -c "var/envoy-${HTTP_PORT}.yaml" --log-level warn --disable-hot-restart &
+setsid .venv/bin/envoy -c "var/envoy-${HTTP_PORT}.yaml" --log-level warn --disable-hot-restart &
 envoy_pid=$!
 for _ in $(seq 100); do
     if curl -fsS "http://localhost:${HTTP_PORT}/openapi.json" >/dev/null 2>&1; then break; fi

@@ -57,6 +57,9 @@ class FakeBackend(Backend):
                     raise late_error
                 if self.delay_s:
                     await asyncio.sleep(self.delay_s)
+                if self.closed:  # like the local runner: shutdown ends the generation as CANCELLED
+                    yield DoneChunk(FinishReason.CANCELLED, Usage(prompt_tokens=3, completion_tokens=i))
+                    return
                 yield TextChunk(word, (i,))
             yield DoneChunk(FinishReason.STOP, Usage(prompt_tokens=3, completion_tokens=len(self.words)))
         except (asyncio.CancelledError, GeneratorExit):

@@ -124,3 +124,47 @@ def test_bad_config_fails_at_start_naming_the_field(env, expected) -> None:
     )
     assert result.returncode == 2
     assert expected in result.stderr and "environment variable" in result.stderr
+
+
+async def test_streams_cut_by_shutdown_still_end_with_a_final_chunk(config_for) -> None:
+    """Past the grace period the backends are closed first, so a running stream ends with
+    `done` (CANCELLED) rather than a bare cancellation, and REST clients get their terminal event."""
+    from fakes import FakeBackend
+    from pluggably.server import GatewayServer
+
+    backend = FakeBackend()
+    backend.words = ["w"] * 200
+    backend.delay_s = 0.02
+    server = GatewayServer(config_for([]), backends=[backend])
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = stream_service_pb2_grpc.StreamServiceStub(channel)
+        call = stub.StreamGenerate(generation_pb2.GenerateRequest(model="fake/echo", prompt="x"))
+        chunks = [await call.read()]
+        stopping = asyncio.create_task(server.stop(grace=0.3))
+        await asyncio.sleep(0.05)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.StreamGenerate(generation_pb2.GenerateRequest(model="fake/echo", prompt="x")).read()
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        while (chunk := await call.read()) is not grpc.aio.EOF:
+            chunks.append(chunk)
+        await stopping
+    assert await call.code() == grpc.StatusCode.OK
+    assert chunks[-1].done.finish_reason == generation_pb2.FINISH_REASON_CANCELLED
+    assert 5 < len(chunks) < 200
+    assert backend.closed
+
+
+def test_port_in_use_fails_naming_the_setting() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "pluggably"], env=_env(PLUGGABLY_SERVER__PORT=str(port)), cwd=REPO_ROOT,
+            capture_output=True, text=True, timeout=60,
+        )
+    assert result.returncode == 1
+    assert "server.port" in result.stderr and "Traceback" not in result.stderr

@@ -37,6 +37,10 @@ from pluggably.v1 import (
 
 log = logging.getLogger("pluggably.server")
 
+# After the grace period, streams whose generation was cut short get this long to send their
+# final chunk before grpc cancels them.
+_FLUSH_S = 2.0
+
 SERVICE_NAMES = tuple(
     module.DESCRIPTOR.services_by_name[name].full_name
     for module, name in (
@@ -89,6 +93,9 @@ class GatewayServer:
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
+                # Without this a second gateway on the same port would start and silently share
+                # the traffic instead of failing.
+                ("grpc.so_reuseport", 0),
             ],
         )
         generate_service_pb2_grpc.add_GenerateServiceServicer_to_server(GenerateServicer(self.router), server)
@@ -100,9 +107,12 @@ class GatewayServer:
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
 
         address = f"{self.config.server.host}:{self.config.server.port}"
-        self.port = server.add_insecure_port(address)
+        try:
+            self.port = server.add_insecure_port(address)
+        except RuntimeError:  # grpc's way of saying the address is taken or invalid
+            self.port = 0
         if not self.port:
-            raise OSError(f"cannot bind {address}")
+            raise OSError(f"cannot listen on {address} (server.host/server.port): in use or not a local address")
         for backend in self.backends:
             await backend.start()
         await server.start()
@@ -112,18 +122,26 @@ class GatewayServer:
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING at once, in-flight RPCs get `grace` seconds, then backends are closed."""
+        """Drains, then closes.
+
+        NOT_SERVING and new RPCs refused at once; in-flight RPCs get `grace` seconds to finish.
+        Then the backends are closed, which ends the generations still running as CANCELLED:
+        their streams still end with a `done` chunk (REST clients see a terminal event), given
+        `_FLUSH_S` to get it out before grpc cancels whatever remains.
+        """
         if self._server is None or self._stopped.is_set():
             return
         grace = self.config.server.grace_period_s if grace is None else grace
         await self.health.enter_graceful_shutdown()
         log.info("shutting down: NOT_SERVING, %.1fs grace for in-flight RPCs", grace)
-        await self._server.stop(grace)
+        stopping = asyncio.ensure_future(self._server.stop(grace + _FLUSH_S))
+        await asyncio.wait([stopping], timeout=grace)
         for backend in self.backends:
             try:
                 await backend.aclose()
             except Exception:
                 log.exception("closing backend %s failed", backend.provider)
+        await stopping
         self._stopped.set()
 
     async def wait_stopped(self) -> None:
