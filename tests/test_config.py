@@ -52,3 +52,17 @@ def test_unreadable_or_malformed_file(tmp_path: Path) -> None:
     bad.write_text("server: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad, environ={})
+
+
+def test_environment_scalars_stay_strings_until_typed() -> None:
+    # A value that YAML would turn into a number, bool or mapping stays the string it is.
+    config = load_config(environ={"PLUGGABLY_ALIASES": "{k: 'local/0x10'}", "PLUGGABLY_LOGGING__LEVEL": "DEBUG"})
+    assert config.aliases == {"k": "local/0x10"} and config.logging.level == "DEBUG"
+    with pytest.raises(ConfigError, match=r"server\.port.*PLUGGABLY_SERVER__PORT"):
+        load_config(environ={"PLUGGABLY_SERVER__PORT": "yes"})
+
+
+def test_error_names_the_variable_that_set_a_nested_field() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(environ={"PLUGGABLY_LOCAL__MODELS__0__NAME": "x"})
+    assert "PLUGGABLY_LOCAL__MODELS__0__NAME" in str(caught.value)

@@ -1,8 +1,9 @@
 """Configuration: one YAML file plus environment overrides, validated at start.
 
 Precedence: embedded defaults < YAML file (`--config` or `PLUGGABLY_CONFIG`) < environment
-variables `PLUGGABLY_<SECTION>__<FIELD>` (double underscore between levels, values parsed as YAML,
-so `PLUGGABLY_SERVER__PORT=6000` is an int and `PLUGGABLY_LOCAL__MODELS='[...]'` a list).
+variables `PLUGGABLY_<SECTION>__<FIELD>` (double underscore between levels). Values are strings
+converted by the field's type (`PLUGGABLY_SERVER__PORT=6000`); a value starting with `[` or `{`
+is parsed as YAML (`PLUGGABLY_LOCAL__MODELS='[{name: m, path: /models/m}]'`).
 Invalid configuration fails at start with the path of every bad field.
 """
 
@@ -123,10 +124,17 @@ def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str
         lines = []
         for err in exc.errors():
             loc = ".".join(str(p) for p in err["loc"])
-            top = ".".join(str(p) for p in err["loc"][:2])
-            origin = sources.get(loc) or sources.get(top) or (f"file {path}" if path else "defaults")
+            origin = _origin(loc, sources) or (f"file {path}" if path else "defaults")
             lines.append(f"  {loc or '<root>'}: {err['msg']} (from {origin})")
         raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
+
+
+def _origin(loc: str, sources: dict[str, str]) -> str | None:
+    """The environment variable that set `loc`, a field below it, or a section above it."""
+    for field, variable in sources.items():
+        if loc == field or loc.startswith(field + ".") or field.startswith(loc + "."):
+            return variable
+    return None
 
 
 def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
@@ -138,10 +146,15 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, st
         parts = [p.lower() for p in key[len(ENV_PREFIX):].split("__") if p]
         if not parts:
             continue
-        try:
-            value = yaml.safe_load(environ[key])
-        except yaml.YAMLError:
-            value = environ[key]
+        raw = environ[key]
+        value: Any = raw
+        # Only lists and mappings are parsed; scalars stay strings for pydantic to convert by
+        # the field's type, so a secret such as an API key is never reinterpreted as YAML.
+        if raw.lstrip().startswith(("[", "{")):
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"environment variable {key} is not valid YAML: {exc}") from None
         node = data
         for part in parts[:-1]:
             child = node.get(part)
