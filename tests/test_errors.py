@@ -126,7 +126,7 @@ async def test_error_mid_stream_is_a_final_event_when_asked_inline(fake) -> None
     assert await call.code() == grpc.StatusCode.OK
     assert [c.WhichOneof("event") for c in chunks] == ["text_delta", "text_delta", "error"]
     final = chunks[-1]
-    assert final.id == chunks[0].id and final.error.code == code_pb2.UNAVAILABLE
+    assert final.id == chunks[0].id and final.model == "fake/echo" and final.error.code == code_pb2.UNAVAILABLE
     assert final.error.message == "backend went away"
 
 
@@ -246,3 +246,50 @@ async def test_unimplemented_rpcs_say_so(fake) -> None:
     err = rich_error(caught.value)
     assert err.code == grpc.StatusCode.UNIMPLEMENTED
     assert "not implemented by this server yet" in err.message and err.info.reason == "NOT_IMPLEMENTED"
+
+
+@pytest.mark.parametrize("with_options", [False, True])
+async def test_unknown_fallback_is_rejected_up_front(fake, with_options) -> None:
+    _backend, channel = fake
+    options = {"text": generation_pb2.TextOptions(max_tokens=3)} if with_options else {}
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await generate_service_pb2_grpc.GenerateServiceStub(channel).Generate(
+            _request(fallback_models=["fake/other", "fake/nope"], **options))
+    err = rich_error(caught.value)
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT and err.fields == ["fallback_models[1]"]
+
+
+async def test_unexpected_failure_before_output_falls_back_else_is_internal(fake) -> None:
+    backend, channel = fake
+    backend.behaviours["echo"] = lambda _req: RuntimeError(SECRET)
+    stub = generate_service_pb2_grpc.GenerateServiceStub(channel)
+    served = await stub.Generate(_request(fallback_models=["fake/other"]))
+    assert served.model == "fake/other"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Generate(_request())
+    assert caught.value.code() == grpc.StatusCode.INTERNAL and SECRET not in caught.value.details()
+
+
+@pytest.mark.parametrize("method", ["/pluggably.v1.GenerateService/Generate", "/pluggably.v1.StreamService/StreamGenerate"])
+async def test_undecodable_request_is_invalid_argument(fake, method) -> None:
+    _backend, channel = fake
+    malformed = b"\x0a\x07local/\xff\x22\x02hi"  # field 1 (model) with invalid UTF-8
+    if method.endswith("StreamGenerate"):
+        call = channel.unary_stream(method, request_serializer=None, response_deserializer=None)(malformed)
+        receive = call.read()
+    else:
+        receive = channel.unary_unary(method, request_serializer=None, response_deserializer=None)(malformed)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await receive
+    err = rich_error(caught.value)
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.info.reason == "MALFORMED_REQUEST" and err.fields == ["request"]
+    assert "utf-8" not in err.message.lower()
+
+
+def test_only_chunk_streams_get_inline_error_events() -> None:
+    from pluggably.api.interceptors import _has_error_event
+    from pluggably.v1 import model_pb2, stream_service_pb2
+
+    assert _has_error_event(stream_service_pb2.StreamGenerateResponse())
+    assert not _has_error_event(model_pb2.Download())  # has `id` and `error`, but is a resource

@@ -149,6 +149,7 @@ async def test_unknown_provider_option_is_rejected(generate) -> None:
 
 async def test_client_cancel_stops_the_generation_thread(tiny_gateway, stream) -> None:
     backend = tiny_gateway.backends[0]
+    before = backend.tokens_generated()
     call = stream(no_eos(chat_request(max_tokens=450, seed=1)))
     first = await call.read()
     assert first.WhichOneof("event") == "text_delta"
@@ -159,7 +160,41 @@ async def test_client_cancel_stops_the_generation_thread(tiny_gateway, stream) -
             break
         await asyncio.sleep(0.02)
     assert backend.active_generations() == 0, "the generation thread kept running after the cancel"
+    produced = backend.tokens_generated() - before
+    assert produced < 450, "the thread generated every token despite the cancel"
+    await asyncio.sleep(0.1)
+    assert backend.tokens_generated() - before == produced
     assert call.cancelled()
+
+
+async def test_cancel_while_queued_frees_the_queue_slot(tiny_model_dir, config_for) -> None:
+    from pluggably.server import GatewayServer
+
+    config = config_for([{"name": "one", "path": str(tiny_model_dir), "max_concurrency": 1, "max_queue": 1}])
+    server = GatewayServer(config)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = stream_service_pb2_grpc.StreamServiceStub(channel).StreamGenerate
+            running = stub(no_eos(chat_request("local/one", max_tokens=450, seed=1)))
+            await running.read()
+            queued = stub(no_eos(chat_request("local/one", max_tokens=2)))
+            await asyncio.sleep(0.05)
+            queued.cancel()
+            await asyncio.sleep(0.05)
+            # The cancelled waiter left the queue: a new request may wait in its place.
+            replacement = stub(no_eos(chat_request("local/one", max_tokens=2)))
+            running.cancel()
+            chunks = [c async for c in replacement]
+            assert chunks[-1].done.usage.completion_tokens == 2
+    finally:
+        await server.stop(grace=0)
+
+
+async def test_near_zero_temperature_decodes_greedily(generate) -> None:
+    greedy = await generate(no_eos(chat_request(max_tokens=8, temperature=0)))
+    tiny = await generate(no_eos(chat_request(max_tokens=8, temperature=1e-30)))
+    assert list(tiny.token_ids) == list(greedy.token_ids)
 
 
 async def test_health_answers_during_a_long_generation(tiny_gateway, tiny_channel, stream) -> None:

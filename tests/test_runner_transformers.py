@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from pluggably.core.errors import (
-    FailedPrecondition,
     InvalidArgument,
     ModelNotFound,
     ResourceExhausted,
@@ -408,14 +407,19 @@ async def test_unknown_provider_option_is_rejected(backend: TransformersTextBack
 
 async def test_model_that_cannot_load(backend: TransformersTextBackend, caplog) -> None:
     caplog.set_level(logging.ERROR, logger="pluggably.runners.transformers_text")
-    with pytest.raises(FailedPrecondition) as e:
+    with pytest.raises(Unavailable) as e:
         await first(backend, request("broken", max_tokens=5))
-    assert e.value.reason == "MODEL_LOAD_FAILED"
+    assert e.value.reason == "MODEL_LOAD_FAILED" and e.value.retry_after_s
+    assert any(r.exc_info for r in caplog.records), "the real error must be logged"
+    # Refused without another load attempt until the back-off ends.
+    caplog.clear()
+    with pytest.raises(Unavailable) as again:
+        await first(backend, request("broken", max_tokens=5))
+    assert again.value.reason == "MODEL_LOAD_FAILED" and not caplog.records
     assert "local/broken" in e.value.message
     assert "no-such-model" not in e.value.message and "/" not in e.value.message.replace(
         "local/broken", ""
     )
-    assert any(r.exc_info for r in caplog.records), "the real error must be logged"
     models = {m.name: m for m in await backend.list_models()}
     assert models["broken"].state is ModelState.ERROR
 

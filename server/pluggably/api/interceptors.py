@@ -7,6 +7,7 @@ async generator), so every interceptor here rebuilds the method handler through 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import re
@@ -16,11 +17,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, status_pb2
 from grpc_status import rpc_status
 
 from pluggably.api.errors import to_status
+from pluggably.core.errors import FieldViolation, InvalidArgument
 
 access_log = logging.getLogger("pluggably.access")
 log = logging.getLogger(__name__)
@@ -43,17 +45,44 @@ UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 StreamBehavior = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
 
 
+_MALFORMED = object()
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """Lets an undecodable request reach the wrapped handler as `_MALFORMED`, so it gets
+    INVALID_ARGUMENT with details instead of grpc's UNKNOWN carrying the parser's text."""
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError:
+            return _MALFORMED
+
+    return deserialize
+
+
+def _check_decoded(request: Any) -> None:
+    if request is _MALFORMED:
+        raise InvalidArgument(
+            [FieldViolation("request", "not a valid protobuf message of the method's request type")],
+            reason="MALFORMED_REQUEST",
+        )
+
+
 def _rewrap(
     handler: grpc.RpcMethodHandler,
     unary: Callable[[UnaryBehavior], UnaryBehavior],
     stream: Callable[[StreamBehavior], StreamBehavior],
 ) -> grpc.RpcMethodHandler:
+    deserializer = _tolerant(handler.request_deserializer)
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
-            unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer)
+            unary(handler.unary_unary), deserializer, handler.response_serializer)
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(
-            stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer)
+            stream(handler.unary_stream), deserializer, handler.response_serializer)
     return handler  # client-streaming methods: none in the contract yet
 
 
@@ -80,6 +109,7 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
             call = _Call(method, context)
             call.begin()
             try:
+                _check_decoded(request)
                 response = await behavior(request, context)
                 await call.send_headers()
                 return response
@@ -100,12 +130,16 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
             call.begin()
             first: Message | None = None
             try:
-                async for message in behavior(request, context):
-                    if first is None:
-                        await call.send_headers()
-                        first = message
-                    call.messages += 1
-                    yield message
+                _check_decoded(request)
+                # aclosing: a cancelled call closes the servicer's generator (and the backend's
+                # below it) here and now, not whenever the garbage collector finalizes it.
+                async with contextlib.aclosing(behavior(request, context)) as messages:
+                    async for message in messages:
+                        if first is None:
+                            await call.send_headers()
+                            first = message
+                        call.messages += 1
+                        yield message
             except (asyncio.CancelledError, GeneratorExit):
                 call.code = code_pb2.CANCELLED
                 raise
@@ -116,7 +150,7 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
                     and _has_error_event(first)
                     and not isinstance(exc, grpc.aio.AbortError)
                 ):
-                    yield type(first)(id=call.request_id, error=call.status_for(exc))
+                    yield type(first)(id=call.request_id, model=first.model, error=call.status_for(exc))
                     return
                 await call.fail(exc)
                 raise
@@ -127,13 +161,14 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
 
 
 def _has_error_event(message: Message) -> bool:
-    field = message.DESCRIPTOR.fields_by_name.get("error")
-    return (
-        field is not None
-        and field.message_type is not None
-        and field.message_type.full_name == "google.rpc.Status"
-        and "id" in message.DESCRIPTOR.fields_by_name
-    )
+    """Whether the stream's messages are chunks with an `error` event (a google.rpc.Status member
+    of a oneof named `event`), like StreamGenerateResponse; resources such as Download that merely
+    have an error field do not qualify."""
+    event = message.DESCRIPTOR.oneofs_by_name.get("event")
+    return event is not None and any(
+        f.name == "error" and f.message_type is not None and f.message_type.full_name == "google.rpc.Status"
+        for f in event.fields
+    ) and all(name in message.DESCRIPTOR.fields_by_name for name in ("id", "model"))
 
 
 class _Call:
@@ -181,4 +216,7 @@ class _Call:
             self.method, code_pb2.Code.Name(self.code), elapsed_ms, self.request_id, self.messages,
         )
         if self._token is not None:
-            _request_id.reset(self._token)
+            # A stream cancelled under back-pressure is finalized in another context, where
+            # the token cannot be reset (and the variable dies with its context anyway).
+            with contextlib.suppress(ValueError):
+                _request_id.reset(self._token)

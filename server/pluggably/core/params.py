@@ -58,7 +58,7 @@ TEXT_PARAMETERS: tuple[ParameterSpec, ...] = (
                   "the generation; not part of the returned text.", default=[]),
     ParameterSpec("text.repetition_penalty", ParamType.NUMBER,
                   "Multiplicative penalty on tokens already in the prompt or output (1 = none).",
-                  default=1.0, minimum=0, maximum=10, exclusive_minimum=True),
+                  default=1.0, minimum=0.01, maximum=10),
     ParameterSpec("text.presence_penalty", ParamType.NUMBER,
                   "Additive penalty on tokens already in the output.", default=0.0,
                   minimum=-2, maximum=2),

@@ -8,23 +8,15 @@ import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 
 from pluggably.core.backend import Backend
-from pluggably.core.errors import (
-    FailedPrecondition,
-    FieldViolation,
-    InvalidArgument,
-    ModelNotFound,
-    PluggablyError,
-    ResourceExhausted,
-    Unavailable,
-)
+from pluggably.core.errors import FieldViolation, InvalidArgument, ModelNotFound, Unavailable
 from pluggably.core.params import ParameterSpec
 from pluggably.core.types import Chunk, GenerationRequest, Modality, ModelInfo
 
 log = logging.getLogger(__name__)
 
-# Errors after which the next fallback model is tried, provided the failing model produced no
-# output yet. Errors caused by the request itself are never retried elsewhere.
-_FALLBACK_ON = (Unavailable, ResourceExhausted, FailedPrecondition)
+# Any failure before the first output moves on to the next fallback model, except errors caused
+# by the request itself: those would fail the same way anywhere.
+_NO_FALLBACK = (InvalidArgument,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,32 +82,35 @@ class Router:
         candidates = [model, *fallbacks]
         routes = []
         for i, candidate in enumerate(candidates):
-            route = self.resolve(candidate)
-            if modality is not None:
-                info = await self.get_model(route.model_id)
-                if info.modality is not modality:
-                    field = "model" if i == 0 else f"fallback_models[{i - 1}]"
-                    raise InvalidArgument([FieldViolation(
-                        field, f"model {route.model_id!r} produces {info.modality.value}, "
-                        f"but {modality.value} options were given")])
-            routes.append(route)
+            field = "model" if i == 0 else f"fallback_models[{i - 1}]"
+            try:
+                info = await self.get_model(candidate)
+            except ModelNotFound:
+                if i == 0:
+                    raise
+                raise InvalidArgument([FieldViolation(field, f"unknown model {candidate!r}")]) from None
+            if modality is not None and info.modality is not modality:
+                raise InvalidArgument([FieldViolation(
+                    field, f"model {info.id!r} produces {info.modality.value}, "
+                    f"but {modality.value} options were given")])
+            routes.append(self.resolve(info.id))
 
-        last_error: PluggablyError | None = None
-        for route in routes:
+        for i, route in enumerate(routes):
             stream = route.backend.generate(dataclasses.replace(request, model=route.name))
             async with contextlib.aclosing(stream):
                 try:
                     first = await anext(stream)
-                except _FALLBACK_ON as exc:
-                    log.warning("model %s failed before output (%s); trying the next fallback",
-                                route.model_id, exc.reason)
-                    last_error = exc
-                    continue
                 except StopAsyncIteration:
                     raise Unavailable(f"model {route.model_id!r} ended without output") from None
+                except _NO_FALLBACK:
+                    raise
+                except Exception as exc:
+                    if i == len(routes) - 1:
+                        raise
+                    log.warning("model %s failed before output (%s); trying %s", route.model_id,
+                                getattr(exc, "reason", type(exc).__name__), routes[i + 1].model_id)
+                    continue
                 yield route.model_id, first
                 async for chunk in stream:
                     yield route.model_id, chunk
                 return
-        assert last_error is not None
-        raise last_error
