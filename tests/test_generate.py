@@ -167,6 +167,20 @@ async def test_client_cancel_stops_the_generation_thread(tiny_gateway, stream) -
     assert call.cancelled()
 
 
+async def test_unary_deadline_stops_the_generation(tiny_gateway, generate) -> None:
+    backend = tiny_gateway.backends[0]
+    before = backend.tokens_generated()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await generate(no_eos(chat_request(max_tokens=450, seed=1)), timeout=0.1)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    for _ in range(100):
+        if backend.active_generations() == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert backend.active_generations() == 0
+    assert backend.tokens_generated() - before < 450
+
+
 async def test_cancel_while_queued_frees_the_queue_slot(tiny_model_dir, config_for) -> None:
     from pluggably.server import GatewayServer
 
