@@ -144,9 +144,6 @@ class GatewayServer:
         await stopping
         self._stopped.set()
 
-    async def wait_stopped(self) -> None:
-        await self._stopped.wait()
-
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:

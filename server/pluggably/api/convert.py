@@ -130,6 +130,15 @@ def usage_to_pb(usage: Usage) -> generation_pb2.Usage:
     )
 
 
+def _copy_done(
+    chunk: DoneChunk, target: generation_pb2.StreamDone | generate_service_pb2.GenerateResponse
+) -> None:
+    """StreamDone and GenerateResponse name the end-of-generation fields alike."""
+    target.finish_reason = _FINISH_TO_PB[chunk.finish_reason]
+    target.usage.CopyFrom(usage_to_pb(chunk.usage))
+    target.stop_sequence = chunk.stop_sequence
+
+
 def stream_chunk_to_pb(request_id: str, model: str, chunk: object) -> stream_service_pb2.StreamGenerateResponse:
     out = stream_service_pb2.StreamGenerateResponse(id=request_id, model=model)
     if isinstance(chunk, TextChunk):
@@ -140,9 +149,7 @@ def stream_chunk_to_pb(request_id: str, model: str, chunk: object) -> stream_ser
         out.progress.step = chunk.step
         out.progress.total_steps = chunk.total_steps
     elif isinstance(chunk, DoneChunk):
-        out.done.finish_reason = _FINISH_TO_PB[chunk.finish_reason]
-        out.done.usage.CopyFrom(usage_to_pb(chunk.usage))
-        out.done.stop_sequence = chunk.stop_sequence
+        _copy_done(chunk, out.done)
     else:
         raise TypeError(f"unknown chunk type {type(chunk).__name__}")
     return out
@@ -161,9 +168,7 @@ class ResponseAccumulator:
             self._text.append(chunk.text)
             self.response.token_ids.extend(chunk.token_ids)
         elif isinstance(chunk, DoneChunk):
-            self.response.finish_reason = _FINISH_TO_PB[chunk.finish_reason]
-            self.response.usage.CopyFrom(usage_to_pb(chunk.usage))
-            self.response.stop_sequence = chunk.stop_sequence
+            _copy_done(chunk, self.response)
 
     def result(self) -> generate_service_pb2.GenerateResponse:
         self.response.text = "".join(self._text)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn
 
 from pluggably.api.convert import (
@@ -61,8 +61,20 @@ class StreamServicer(stream_service_pb2_grpc.StreamServiceServicer):
             yield stream_chunk_to_pb(request_id, model, chunk)
 
 
-def _later(what: str) -> NoReturn:
-    raise Unimplemented(f"{what} is part of the v1 contract but not implemented by this server yet")
+def _not_yet(what: str, *, streaming: bool = False) -> Callable[..., Any]:
+    """A handler for an RPC of the contract that a later issue implements: UNIMPLEMENTED with a
+    message that says so (the generated base class would answer without details)."""
+    def fail() -> NoReturn:
+        raise Unimplemented(f"{what} is part of the v1 contract but not implemented by this server yet")
+
+    async def unary(self: Any, request: Any, context: Any) -> NoReturn:
+        fail()
+
+    async def stream(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
+        fail()
+        yield  # pragma: no cover - makes this a server-streaming handler
+
+    return stream if streaming else unary
 
 
 class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
@@ -106,45 +118,21 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         return model_service_pb2.GetModelParametersResponse(
             model=model_id, parameters=[parameter_to_pb(s) for s in specs])
 
-    async def DownloadModel(self, request: Any, context: Any) -> NoReturn:
-        _later("DownloadModel (model downloads)")
-
-    async def GetDownload(self, request: Any, context: Any) -> NoReturn:
-        _later("GetDownload (model downloads)")
-
-    async def WatchDownload(self, request: Any, context: Any) -> AsyncIterator[Any]:
-        _later("WatchDownload (model downloads)")
-        yield  # pragma: no cover - makes this a server-streaming handler
-
-    async def CancelDownload(self, request: Any, context: Any) -> NoReturn:
-        _later("CancelDownload (model downloads)")
-
-    async def DeleteModel(self, request: Any, context: Any) -> NoReturn:
-        _later("DeleteModel (local model storage)")
-
-    async def RescanModels(self, request: Any, context: Any) -> NoReturn:
-        _later("RescanModels (model discovery)")
+    DownloadModel = _not_yet("DownloadModel (model downloads)")
+    GetDownload = _not_yet("GetDownload (model downloads)")
+    WatchDownload = _not_yet("WatchDownload (model downloads)", streaming=True)
+    CancelDownload = _not_yet("CancelDownload (model downloads)")
+    DeleteModel = _not_yet("DeleteModel (local model storage)")
+    RescanModels = _not_yet("RescanModels (model discovery)")
 
 
 class StorageServicer(storage_service_pb2_grpc.StorageServiceServicer):
-    async def GetStorageUsage(self, request: Any, context: Any) -> NoReturn:
-        _later("GetStorageUsage (storage manager)")
-
-    async def PruneStorage(self, request: Any, context: Any) -> NoReturn:
-        _later("PruneStorage (storage manager)")
-
-    async def ListArtifacts(self, request: Any, context: Any) -> NoReturn:
-        _later("ListArtifacts (artifact store)")
-
-    async def GetArtifact(self, request: Any, context: Any) -> NoReturn:
-        _later("GetArtifact (artifact store)")
-
-    async def ReadArtifact(self, request: Any, context: Any) -> AsyncIterator[Any]:
-        _later("ReadArtifact (artifact store)")
-        yield  # pragma: no cover - makes this a server-streaming handler
-
-    async def DeleteArtifact(self, request: Any, context: Any) -> NoReturn:
-        _later("DeleteArtifact (artifact store)")
+    GetStorageUsage = _not_yet("GetStorageUsage (storage manager)")
+    PruneStorage = _not_yet("PruneStorage (storage manager)")
+    ListArtifacts = _not_yet("ListArtifacts (artifact store)")
+    GetArtifact = _not_yet("GetArtifact (artifact store)")
+    ReadArtifact = _not_yet("ReadArtifact (artifact store)", streaming=True)
+    DeleteArtifact = _not_yet("DeleteArtifact (artifact store)")
 
 
 def _require(value: str, field: str) -> None:

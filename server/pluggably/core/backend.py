@@ -1,15 +1,15 @@
 """The one interface every provider adapter and local runner implements.
 
 Modelled on vLLM's `EngineClient`: the API layer only ever sees `Backend`, and the router picks
-one by the provider part of the model id. Backends register a factory under their provider name
-(see `register_backend`), so adding one never touches the router or the servicers.
+one by the provider part of the model id, so adding a backend never touches the router or the
+servicers.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from pluggably.core.types import Chunk, GenerationRequest, ModelInfo
 
@@ -61,24 +61,3 @@ class Backend(abc.ABC):
 
     async def aclose(self) -> None:
         """Releases models, threads and connections. Called once at shutdown."""
-
-
-BackendFactory = Callable[[Any], Backend]
-_FACTORIES: dict[str, BackendFactory] = {}
-
-
-def register_backend(kind: str) -> Callable[[BackendFactory], BackendFactory]:
-    """Registers a factory that builds a backend of `kind` from its config section."""
-
-    def decorator(factory: BackendFactory) -> BackendFactory:
-        _FACTORIES[kind] = factory
-        return factory
-
-    return decorator
-
-
-def backend_factory(kind: str) -> BackendFactory:
-    try:
-        return _FACTORIES[kind]
-    except KeyError:
-        raise KeyError(f"no backend of kind {kind!r}; known: {sorted(_FACTORIES)}") from None

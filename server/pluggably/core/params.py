@@ -133,13 +133,3 @@ def _out_of_range(spec: ParameterSpec, value: float) -> str | None:
 
 def _fmt(x: float) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
-
-
-def unsupported_violations(
-    params: TextParams, supported: Iterable[str], model_id: str, prefix: str = "text"
-) -> list[FieldViolation]:
-    allowed = set(supported)
-    return [
-        FieldViolation(f"{prefix}.{name}", f"not supported by model {model_id!r}")
-        for name in sorted(params.set_fields() - allowed)
-    ]

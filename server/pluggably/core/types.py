@@ -51,13 +51,6 @@ class TextParams:
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
 
-    def set_fields(self) -> set[str]:
-        """Names of the parameters the client set, for capability checks."""
-        names = {n for n in self.__dataclass_fields__ if n != "stop" and getattr(self, n) is not None}
-        if self.stop:
-            names.add("stop")
-        return names
-
 
 @dataclass(frozen=True)
 class GenerationRequest:
