@@ -10,6 +10,8 @@ HTTP_PORT   ?= 8080
 HTTP_HOST   ?= 127.0.0.1
 ADMIN_PORT  ?= 9901
 MODEL_DIR   := var/models/tiny-random-llama
+# `make run` serves the offline demo model unless PLUGGABLY_CONFIG names another config.
+PLUGGABLY_CONFIG ?= examples/demo.yaml
 PROTOS      := $(wildcard proto/pluggably/v1/*.proto)
 PYTEST_ARGS ?=
 
@@ -44,7 +46,7 @@ $(MODEL_DIR)/config.json: | $(VENV)/.installed
 	$(VENV)/bin/pluggably-make-tiny-model $(MODEL_DIR)
 
 run: install model
-	GRPC_PORT=$(GRPC_PORT) HTTP_PORT=$(HTTP_PORT) HTTP_HOST=$(HTTP_HOST) ADMIN_PORT=$(ADMIN_PORT) scripts/run.sh
+	PLUGGABLY_CONFIG=$(PLUGGABLY_CONFIG) GRPC_PORT=$(GRPC_PORT) HTTP_PORT=$(HTTP_PORT) HTTP_HOST=$(HTTP_HOST) ADMIN_PORT=$(ADMIN_PORT) scripts/run.sh
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -53,7 +55,7 @@ generate: install
 	$(PY) -m grpc_tools.protoc -I proto -I third_party/googleapis \
 		--python_out=server --pyi_out=server --grpc_python_out=server $(PROTOS)
 	$(BUF) build --as-file-descriptor-set -o envoy/pluggably.pb
-	$(PY) tools/openapi_gen.py envoy/pluggably.pb -o envoy/openapi.json
+	$(PY) -m pluggably.devtools.openapi_gen envoy/pluggably.pb -o envoy/openapi.json
 
 check-generated: generate
 	@git add -N server/pluggably/v1 envoy >/dev/null 2>&1 || true

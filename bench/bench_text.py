@@ -25,15 +25,11 @@ import threading
 import time
 from pathlib import Path
 
+from pluggably.devtools.envoy import Envoy, free_port
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SIZES = {"tiny": {"hidden_size": 64, "num_layers": 2}, "small": {"hidden_size": 512, "num_layers": 8}}
 PROMPT = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def median_row(samples: list[tuple[float, int, float]]) -> tuple[float, float, int]:
@@ -158,27 +154,6 @@ def sse_sample(http_port: int, max_tokens: int, seed: int) -> tuple[float, int, 
     return (first or start) - start, tokens, total
 
 
-def start_envoy(grpc_port: int, http_port: int, workdir: Path) -> subprocess.Popen[bytes]:
-    text = (REPO_ROOT / "envoy" / "envoy.yaml").read_text()
-    text = (text.replace("port_value: 50051", f"port_value: {grpc_port}")
-                .replace("port_value: 8080", f"port_value: {http_port}")
-                .replace("port_value: 9901", f"port_value: {free_port()}")
-                .replace("envoy/pluggably.pb", str(REPO_ROOT / "envoy" / "pluggably.pb"))
-                .replace("envoy/openapi.json", str(REPO_ROOT / "envoy" / "openapi.json")))
-    config = workdir / "envoy.yaml"
-    config.write_text(text)
-    envoy = Path(sys.executable).parent / "envoy"
-    process = subprocess.Popen([str(envoy), "-c", str(config), "--log-level", "error", "--disable-hot-restart",
-                                "--base-id", str(http_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(300):
-        try:
-            with socket.create_connection(("127.0.0.1", http_port), timeout=0.2):
-                return process
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError("envoy did not start")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", type=Path, default=REPO_ROOT / "var/models/tiny-random-llama")
@@ -191,11 +166,11 @@ def main() -> int:
     parser.add_argument("--startup-runs", type=int, default=5)
     args = parser.parse_args()
     if not (args.model_dir / "config.json").exists():
-        from pluggably.tools.tiny_model import build_tiny_model
+        from pluggably.devtools.tiny_model import build_tiny_model
         build_tiny_model(args.model_dir, **SIZES[args.size])
 
     with tempfile.TemporaryDirectory() as tmp:
-        grpc_port, http_port = free_port(), free_port()
+        grpc_port = free_port()
         config = Path(tmp) / "config.yaml"
         config.write_text(json.dumps({
             "server": {"host": "127.0.0.1", "port": grpc_port},
@@ -215,7 +190,9 @@ def main() -> int:
 
         runner = Direct(args.model_dir)
         server, _ = start_server(config, grpc_port)
-        envoy = start_envoy(grpc_port, http_port, Path(tmp))
+        envoy = Envoy(grpc_port, Path(tmp), log_level="error")
+        envoy.start()
+        http_port = envoy.http_port
         direct, via_grpc, via_sse = [], [], []
         try:
             with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
@@ -229,7 +206,7 @@ def main() -> int:
                         for bucket, sample in zip((direct, via_grpc, via_sse), samples, strict=True):
                             bucket.append(sample)
         finally:
-            envoy.terminate()
+            envoy.stop()
             stop(server)
 
     d_ttft, d_rate, d_tokens = median_row(direct)

@@ -9,10 +9,9 @@ HTTP_PORT=${HTTP_PORT:-8080}
 HTTP_HOST=${HTTP_HOST:-127.0.0.1}  # 0.0.0.0 exposes Envoy beyond this machine (no auth yet)
 ADMIN_PORT=${ADMIN_PORT:-9901}     # Envoy's admin interface, always on 127.0.0.1
 mkdir -p var
-# The shipped Envoy config uses the default ports; other ports get a rendered copy.
-sed -e "s/port_value: 50051/port_value: ${GRPC_PORT}/" -e "s/port_value: 9901/port_value: ${ADMIN_PORT}/" \
-    -e "s/address: 127.0.0.1, port_value: 8080/address: ${HTTP_HOST}, port_value: ${HTTP_PORT}/" \
-    envoy/envoy.yaml > "var/envoy-${HTTP_PORT}.yaml"
+# The shipped Envoy config with this run's ports (the same renderer the tests and bench use).
+.venv/bin/python -m pluggably.devtools.envoy render --grpc-port "$GRPC_PORT" --http-port "$HTTP_PORT" \
+    --http-host "$HTTP_HOST" --admin-port "$ADMIN_PORT" -o "var/envoy-${HTTP_PORT}.yaml"
 
 server_pid=""; envoy_pid=""
 # The server drains first (in-flight requests get its grace period, still through Envoy), then

@@ -7,7 +7,9 @@ from collections.abc import AsyncIterator, Callable
 
 from pluggably.core.backend import Backend
 from pluggably.core.errors import ModelNotFound
+from pluggably.core.params import NO_PROVIDER_OPTIONS, ParameterSpec, ProviderOptionsPolicy, parameters_for
 from pluggably.core.types import (
+    Capabilities,
     Chunk,
     DoneChunk,
     FinishReason,
@@ -24,12 +26,27 @@ class FakeBackend(Backend):
 
     `behaviours[name]` is called with the request and returns an exception to raise before any
     output, or None to stream `words` as text chunks (after `raise_after` chunks it raises
-    `error_after`).
+    `error_after`). `first_delay_s[name]` delays a model's first chunk. `capabilities`,
+    `supported` (short parameter names), `ranges` and `options` describe what the models take.
     """
 
-    def __init__(self, provider: str = "fake", models: dict[str, Modality] | None = None) -> None:
+    def __init__(
+        self,
+        provider: str = "fake",
+        models: dict[str, Modality] | None = None,
+        *,
+        capabilities: Capabilities | None = None,
+        supported: list[str] | None = None,
+        ranges: dict[str, tuple[float | None, float | None]] | None = None,
+        options: ProviderOptionsPolicy = NO_PROVIDER_OPTIONS,
+    ) -> None:
         self.provider = provider
         self.models = models or {"echo": Modality.TEXT}
+        self.capabilities = capabilities or Capabilities()
+        self.supported = supported
+        self.ranges = ranges
+        self.options = options
+        self.first_delay_s: dict[str, float] = {}
         self.behaviours: dict[str, Callable[[GenerationRequest], BaseException | None]] = {}
         self.words = ["hello", " ", "world"]
         self.error_after: dict[str, tuple[int, BaseException]] = {}
@@ -39,7 +56,15 @@ class FakeBackend(Backend):
         self.closed = False
 
     async def list_models(self) -> list[ModelInfo]:
-        return [ModelInfo(provider=self.provider, name=n, modality=m, context_length=128) for n, m in sorted(self.models.items())]
+        return [ModelInfo(provider=self.provider, name=n, modality=m, context_length=128,
+                          capabilities=self.capabilities)
+                for n, m in sorted(self.models.items())]
+
+    def parameters(self, model: ModelInfo) -> list[ParameterSpec]:
+        return parameters_for(model.modality, supported=self.supported, ranges=self.ranges)
+
+    def provider_options(self, model: ModelInfo) -> ProviderOptionsPolicy:
+        return self.options
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         if request.model not in self.models:
@@ -51,6 +76,8 @@ class FakeBackend(Backend):
             raise error
         limit, late_error = self.error_after.get(request.model, (None, None))
         try:
+            if request.model in self.first_delay_s:
+                await asyncio.sleep(self.first_delay_s[request.model])
             for i, word in enumerate(self.words):
                 if limit is not None and i == limit:
                     assert late_error is not None

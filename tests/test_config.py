@@ -4,13 +4,22 @@ from pathlib import Path
 
 import pytest
 
-from pluggably.config import DEFAULT_MODEL_NAME, ConfigError, load_config
+from pluggably.config import ConfigError, load_config
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_embedded_defaults_serve_the_tiny_model() -> None:
+def test_embedded_defaults_serve_no_model() -> None:
+    # A production config without `local:` must not serve the gibberish demo model.
     config = load_config(environ={})
     assert config.server.port == 50051
-    assert [m.name for m in config.local.models] == [DEFAULT_MODEL_NAME]
+    assert config.local.models == [] and config.providers == {}
+
+
+def test_demo_config_serves_the_tiny_model() -> None:
+    config = load_config(REPO_ROOT / "examples" / "demo.yaml", environ={})
+    assert [(m.name, str(m.path)) for m in config.local.models] == [
+        ("tiny-random-llama", "var/models/tiny-random-llama")]
 
 
 def test_file_then_environment_override(tmp_path: Path) -> None:

@@ -14,10 +14,10 @@ from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 from google.rpc import code_pb2
 
-from envoy_util import REPO_ROOT, SHIPPED_CONFIG, Envoy, envoy_binary
 from fakes import FakeBackend
 from pluggably.core import errors
 from pluggably.core.types import Modality
+from pluggably.devtools.envoy import REPO_ROOT, SHIPPED_CONFIG, Envoy, envoy_binary
 from pluggably.server import GatewayServer
 from pluggably.v1 import model_service_pb2, model_service_pb2_grpc
 

@@ -9,7 +9,7 @@ from google.rpc import code_pb2
 
 from fakes import FakeBackend
 from helpers import rich_error
-from pluggably.api.errors import ERROR_DOMAIN, STATUS_TABLE
+from pluggably.api.status import ERROR_DOMAIN, STATUS_TABLE
 from pluggably.core import errors
 from pluggably.core.types import Modality
 from pluggably.server import GatewayServer

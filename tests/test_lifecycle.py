@@ -14,7 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from envoy_util import REPO_ROOT, free_port
+from pluggably.devtools.envoy import REPO_ROOT, free_port
 from pluggably.v1 import generation_pb2, stream_service_pb2_grpc
 
 

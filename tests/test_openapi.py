@@ -6,10 +6,8 @@ extension, independently of the generator's wire-level decoding.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,6 @@ from openapi_spec_validator import validate
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DESCRIPTOR_SET = REPO_ROOT / "envoy" / "pluggably.pb"
 OPENAPI = REPO_ROOT / "envoy" / "openapi.json"
-GENERATOR = REPO_ROOT / "tools" / "openapi_gen.py"
 PACKAGE = "pluggably.v1"
 HTTP_METHODS = {"get", "put", "post", "delete", "patch"}
 SCHEMAS = "#/components/schemas/"
@@ -30,13 +27,9 @@ SCHEMAS = "#/components/schemas/"
 
 @cache
 def _load_generator():
-    """tools/openapi_gen.py as a module (tools/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("openapi_gen", GENERATOR)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    from pluggably.devtools import openapi_gen
+
+    return openapi_gen
 
 
 @cache
@@ -106,7 +99,7 @@ def test_regenerating_gives_the_committed_file() -> None:
     text = gen.render(gen.generate(DESCRIPTOR_SET.read_bytes()))
     assert text == OPENAPI.read_text(encoding="utf-8"), (
         "envoy/openapi.json is stale: run "
-        "python tools/openapi_gen.py envoy/pluggably.pb -o envoy/openapi.json"
+        "python -m pluggably.devtools.openapi_gen envoy/pluggably.pb -o envoy/openapi.json"
     )
 
 

@@ -398,11 +398,12 @@ async def test_unknown_model(backend: TransformersTextBackend) -> None:
     assert e.value.resource_name == "local/nope/missing"
 
 
-async def test_unknown_provider_option_is_rejected(backend: TransformersTextBackend) -> None:
-    req = GenerationRequest("r", "tiny", messages=HELLO, provider_options={"best_of": 3})
-    with pytest.raises(InvalidArgument) as e:
-        await first(backend, req)
-    assert [v.field for v in e.value.violations] == ["provider_options.best_of"]
+async def test_provider_options_policy(backend: TransformersTextBackend) -> None:
+    # The dataplane enforces the policy before the runner sees a request (tests/test_dataplane.py).
+    policy = backend.provider_options(await backend.get_model("tiny"))
+    violations = policy.check({"best_of": 3.0, "ignore_eos": "yes"}, "local/tiny")
+    assert [v.field for v in violations] == ["provider_options.best_of", "provider_options.ignore_eos"]
+    assert policy.check({"ignore_eos": True}, "local/tiny") == []
 
 
 async def test_model_that_cannot_load(backend: TransformersTextBackend, caplog) -> None:

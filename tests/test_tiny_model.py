@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pluggably.tools.tiny_model import MODEL_FILES, build_tiny_model, is_complete, main
+from pluggably.devtools.tiny_model import MODEL_FILES, build_tiny_model, is_complete, main
 
 
 def digest(folder: Path) -> str:
@@ -34,7 +34,7 @@ def test_builds_a_small_complete_model(tiny_model_dir: Path) -> None:
 
 def test_module_import_is_cheap() -> None:
     code = (
-        "import sys, pluggably.tools.tiny_model\n"
+        "import sys, pluggably.devtools.tiny_model\n"
         "heavy = {'torch', 'transformers', 'tokenizers'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"
     )

@@ -5,32 +5,40 @@ variables `PLUGGABLY_<SECTION>__<FIELD>` (double underscore between levels). Val
 converted by the field's type (`PLUGGABLY_SERVER__PORT=6000`); a value starting with `[` or `{`
 is parsed as YAML (`PLUGGABLY_LOCAL__MODELS='[{name: m, path: /models/m}]'`).
 Invalid configuration fails at start with the path of every bad field.
+
+The root model is assembled from the backend kinds registered in `pluggably.core.plugins`: the
+`local:` section is the local kind's model, and every entry of `providers:` is validated against
+the model of its kind (named by `kind:`, or implied by the provider's name: `openai:`, or a
+preset such as `groq:`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+# Registers the backend kinds (cheap: config models and presets only).
+import pluggably.providers
+import pluggably.runners
+from pluggably.core import plugins
+from pluggably.core.configmodel import StrictModel
+from pluggably.runners.config import LocalConfig
 
 ENV_PREFIX = "PLUGGABLY_"
-DEFAULT_MODEL_NAME = "tiny-random-llama"
-DEFAULT_MODEL_PATH = Path("var/models") / DEFAULT_MODEL_NAME
+_PROVIDER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
 class ConfigError(Exception):
     """The configuration is invalid; the message names each bad field and where it came from."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ServerConfig(_Strict):
+class ServerConfig(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
     # In-flight RPCs get this long to finish after SIGTERM/SIGINT before they are cancelled.
@@ -38,59 +46,65 @@ class ServerConfig(_Strict):
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
 
 
-class LoggingConfig(_Strict):
+class LoggingConfig(StrictModel):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["text", "json"] = "text"
 
 
-class LocalModelConfig(_Strict):
-    name: str = Field(min_length=1)
-    path: Path
-    modality: Literal["text"] = "text"
-    device: str = "auto"
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    max_concurrency: int = Field(1, ge=1)
-    max_queue: int = Field(16, ge=0)
-    default_max_tokens: int = Field(256, ge=1)
-    context_length: int | None = Field(None, ge=1)
-    description: str = ""
-
-    @field_validator("device")
-    @classmethod
-    def _known_device(cls, value: str) -> str:
-        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
-            return value
-        raise ValueError("must be 'auto', 'cpu', 'cuda' or 'cuda:<index>'")
+class RoutingConfig(StrictModel):
+    # model id or alias -> models tried in order when it fails before producing output. A
+    # request's own `fallback_models` replace these.
+    fallbacks: dict[str, list[str]] = Field(default_factory=dict)
+    # With a fallback left to try, a model that has produced no output after this long is
+    # abandoned for the next one. None: wait as long as the model's own timeouts allow.
+    first_chunk_timeout_s: float | None = Field(20.0, gt=0)
 
 
-class LocalConfig(_Strict):
-    models: list[LocalModelConfig] = Field(
-        default_factory=lambda: [
-            LocalModelConfig(
-                name=DEFAULT_MODEL_NAME,
-                path=DEFAULT_MODEL_PATH,
-                description="Tiny random Llama built offline by `pluggably-make-tiny-model`; "
-                "its output is gibberish.",
-            )
-        ]
-    )
-
-    @field_validator("models")
-    @classmethod
-    def _unique_names(cls, models: list[LocalModelConfig]) -> list[LocalModelConfig]:
-        names = [m.name for m in models]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"duplicate model names: {', '.join(duplicates)}")
-        return models
+def _provider_sections() -> Any:
+    models = tuple(kind.config_model for kind in plugins.kinds().values()
+                   if "kind" in getattr(kind.config_model, "model_fields", {}))
+    if not models:
+        return dict[str, Any]
+    union = models[0] if len(models) == 1 else Union[models]  # noqa: UP007 - a runtime tuple
+    return dict[str, Annotated[union, Field(discriminator="kind")]]
 
 
-class Config(_Strict):
+class Config(StrictModel):
     server: ServerConfig = Field(default_factory=ServerConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     local: LocalConfig = Field(default_factory=LocalConfig)
+    # provider name -> its section; the name is the `provider` part of its model ids.
+    providers: _provider_sections() = Field(default_factory=dict)  # type: ignore[valid-type]
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
     # alias -> model id, e.g. {"tiny": "local/tiny-random-llama"}
     aliases: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _infer_provider_kinds(cls, data: Any) -> Any:
+        """`providers: {openai: {}}` and `{groq: {}}` need no `kind:`: the name implies it."""
+        if not isinstance(data, dict) or not isinstance(data.get("providers"), dict):
+            return data
+        providers = {}
+        for name, section in data["providers"].items():
+            section = {} if section is None else section
+            if isinstance(section, dict) and "kind" not in section:
+                implied = plugins.kind_for_provider_name(str(name))
+                if implied is not None:
+                    kind, preset = implied
+                    section = {"kind": kind.name, **({"preset": preset} if preset else {}), **section}
+            providers[name] = section
+        return {**data, "providers": providers}
+
+    @field_validator("providers")
+    @classmethod
+    def _provider_names(cls, providers: dict[str, Any]) -> dict[str, Any]:
+        for name in providers:
+            if not _PROVIDER_NAME.match(name):
+                raise ValueError(f"provider name {name!r}: use lower-case letters, digits, '-' and '_'")
+            if name == pluggably.runners.LOCAL_PROVIDER:
+                raise ValueError("'local' is the provider of the `local:` section; choose another name")
+        return providers
 
     @field_validator("aliases")
     @classmethod
@@ -123,10 +137,17 @@ def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"])
+            loc = ".".join(str(p) for p in _field_path(err["loc"]))
             origin = _origin(loc, sources) or (f"file {path}" if path else "defaults")
             lines.append(f"  {loc or '<root>'}: {err['msg']} (from {origin})")
         raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
+
+
+def _field_path(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Drops the union tag pydantic puts after a provider's name (`providers.x.openai.f`)."""
+    if len(loc) >= 3 and loc[0] == "providers" and loc[2] in plugins.kinds():
+        return (*loc[:2], *loc[3:])
+    return loc
 
 
 def _origin(loc: str, sources: dict[str, str]) -> str | None:

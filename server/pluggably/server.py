@@ -20,10 +20,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pluggably.api.interceptors import GatewayInterceptor
-from pluggably.api.servicers import GenerateServicer, ModelServicer, StorageServicer, StreamServicer
+from pluggably.app import build_backends, build_router, close_backends, start_backends
+from pluggably.catalog.servicer import ModelServicer
 from pluggably.config import Config, ConfigError, load_config
 from pluggably.core.backend import Backend
-from pluggably.core.router import Router
+from pluggably.generation.dataplane import Dataplane
+from pluggably.generation.servicer import GenerateServicer, StreamServicer
+from pluggably.storage.servicer import StorageServicer
 from pluggably.v1 import (
     generate_service_pb2,
     generate_service_pb2_grpc,
@@ -52,35 +55,14 @@ SERVICE_NAMES = tuple(
 )
 
 
-def build_backends(config: Config) -> list[Backend]:
-    from pluggably.runners.transformers_text import LocalTextModel, TransformersTextBackend
-
-    backends: list[Backend] = []
-    if config.local.models:
-        backends.append(TransformersTextBackend([
-            LocalTextModel(
-                name=m.name,
-                path=m.path,
-                device=m.device,
-                dtype=m.dtype,
-                max_concurrency=m.max_concurrency,
-                max_queue=m.max_queue,
-                default_max_tokens=m.default_max_tokens,
-                context_length=m.context_length,
-                description=m.description,
-            )
-            for m in config.local.models
-        ]))
-    return backends
-
-
 class GatewayServer:
     """One gRPC server over a router of backends. `start()` binds; `stop()` drains and closes."""
 
     def __init__(self, config: Config, backends: Sequence[Backend] | None = None) -> None:
         self.config = config
         self.backends = list(build_backends(config) if backends is None else backends)
-        self.router = Router(self.backends, config.aliases)
+        self.router = build_router(config, self.backends)
+        self.dataplane = Dataplane(self.router)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -98,8 +80,8 @@ class GatewayServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        generate_service_pb2_grpc.add_GenerateServiceServicer_to_server(GenerateServicer(self.router), server)
-        stream_service_pb2_grpc.add_StreamServiceServicer_to_server(StreamServicer(self.router), server)
+        generate_service_pb2_grpc.add_GenerateServiceServicer_to_server(GenerateServicer(self.dataplane), server)
+        stream_service_pb2_grpc.add_StreamServiceServicer_to_server(StreamServicer(self.dataplane), server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.router), server)
         storage_service_pb2_grpc.add_StorageServiceServicer_to_server(StorageServicer(), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -113,8 +95,7 @@ class GatewayServer:
             self.port = 0
         if not self.port:
             raise OSError(f"cannot listen on {address} (server.host/server.port): in use or not a local address")
-        for backend in self.backends:
-            await backend.start()
+        await start_backends(self.backends)
         await server.start()
         self._server = server
         for name in ("", *SERVICE_NAMES):
@@ -136,11 +117,7 @@ class GatewayServer:
         log.info("shutting down: NOT_SERVING, %.1fs grace for in-flight RPCs", grace)
         stopping = asyncio.ensure_future(self._server.stop(grace + _FLUSH_S))
         await asyncio.wait([stopping], timeout=grace)
-        for backend in self.backends:
-            try:
-                await backend.aclose()
-            except Exception:
-                log.exception("closing backend %s failed", backend.provider)
+        await close_backends(self.backends)
         await stopping
         self._stopped.set()
 

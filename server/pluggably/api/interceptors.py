@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
 import re
 import time
@@ -21,7 +20,8 @@ from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, status_pb2
 from grpc_status import rpc_status
 
-from pluggably.api.errors import to_status
+from pluggably.api.status import to_status
+from pluggably.core import context as request_context
 from pluggably.core.errors import FieldViolation, InvalidArgument
 
 access_log = logging.getLogger("pluggably.access")
@@ -32,13 +32,7 @@ REQUEST_ID_HEADER = "x-request-id"
 # browsers) ask for the error as the stream's last message instead. Envoy sets it on REST routes.
 STREAM_ERRORS_HEADER = "x-pluggably-stream-errors"
 
-_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
-
-
-def current_request_id() -> str:
-    """The id of the RPC being served (set by `GatewayInterceptor`)."""
-    return _request_id.get()
 
 
 UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
@@ -183,11 +177,11 @@ class _Call:
         self.wants_inline_errors = metadata.get(STREAM_ERRORS_HEADER, "").lower() == "inline"
         self.code = code_pb2.OK
         self.messages = 0
-        self._token: contextvars.Token[str] | None = None
+        self._token: Any = None
         self._start = time.perf_counter()
 
     def begin(self) -> None:
-        self._token = _request_id.set(self.request_id)
+        self._token = request_context.set_request_id(self.request_id)
 
     async def send_headers(self) -> None:
         # Only together with the first response message: an error before it must leave the
@@ -219,4 +213,4 @@ class _Call:
             # A stream cancelled under back-pressure is finalized in another context, where
             # the token cannot be reset (and the variable dies with its context anyway).
             with contextlib.suppress(ValueError):
-                _request_id.reset(self._token)
+                request_context.reset_request_id(self._token)

@@ -71,20 +71,28 @@ _BY_MODALITY: dict[Modality, tuple[ParameterSpec, ...]] = {Modality.TEXT: TEXT_P
 
 
 def parameters_for(
-    modality: Modality, supported: Iterable[str] | None, **defaults: Any
+    modality: Modality,
+    supported: Iterable[str] | None,
+    ranges: dict[str, tuple[float | None, float | None]] | None = None,
+    **defaults: Any,
 ) -> list[ParameterSpec]:
     """The specs of `modality`; `supported` lists short names (e.g. `top_k`), None means all.
 
-    `defaults` overrides documented defaults by short name (e.g. a model's own `max_tokens`).
+    `ranges` narrows the shared (minimum, maximum) of a parameter for one model (None keeps that
+    bound), e.g. `{"temperature": (None, 1)}`; `defaults` overrides documented defaults by short
+    name (e.g. a model's own `max_tokens`).
     """
     allowed = None if supported is None else set(supported)
     specs = []
     for spec in _BY_MODALITY.get(modality, ()):
         short = spec.name.split(".", 1)[1]
+        low, high = (ranges or {}).get(short, (None, None))
         spec = dataclasses.replace(
             spec,
             supported=allowed is None or short in allowed,
             default=defaults.get(short, spec.default),
+            minimum=spec.minimum if low is None else low,
+            maximum=spec.maximum if high is None else high,
         )
         specs.append(spec)
     return specs
@@ -133,3 +141,75 @@ def _out_of_range(spec: ParameterSpec, value: float) -> str | None:
 
 def _fmt(x: float) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+# JSON types of `provider_options` values as they arrive (google.protobuf.Value): numbers are
+# always floats, so integer options are checked with `_is_integer`.
+_JSON_TYPE_NAMES = {bool: "a boolean", float: "a number", str: "a string", list: "a list", dict: "an object"}
+
+
+@dataclass(frozen=True)
+class ProviderOptionsPolicy:
+    """Which `provider_options` keys a model accepts.
+
+    `allowed` maps each accepted key to the JSON type of its value (None: any key that is not
+    `reserved` is passed through unchecked, for providers whose APIs take many parameters).
+    `reserved` keys are what the typed request fields already set: passing them through would
+    let a client override validated values, so they are always rejected.
+    """
+
+    allowed: dict[str, type] | None = dataclasses.field(default_factory=dict)
+    reserved: frozenset[str] = frozenset()
+
+    def check(self, options: dict[str, Any], model_id: str) -> list[FieldViolation]:
+        violations = []
+        for key in sorted(options):
+            field = f"provider_options.{key}"
+            if key in self.reserved:
+                violations.append(FieldViolation(
+                    field, f"set by a typed field of the request; {model_id!r} does not take it here"))
+            elif self.allowed is None:
+                continue
+            elif key not in self.allowed:
+                accepted = ", ".join(sorted(self.allowed)) or "none"
+                violations.append(FieldViolation(
+                    field, f"not supported by model {model_id!r} (accepted keys: {accepted})"))
+            else:
+                expected = self.allowed[key]
+                value = options[key]
+                if expected is int:
+                    ok = isinstance(value, float | int) and not isinstance(value, bool) and float(value).is_integer()
+                    what = "an integer"
+                else:
+                    ok = isinstance(value, expected) and not (expected is float and isinstance(value, bool))
+                    what = _JSON_TYPE_NAMES.get(expected, expected.__name__)
+                if not ok:
+                    violations.append(FieldViolation(field, f"must be {what}"))
+        return violations
+
+
+NO_PROVIDER_OPTIONS = ProviderOptionsPolicy()
+
+
+def check_against_specs(
+    params: TextParams, specs: Iterable[ParameterSpec], model_id: str, prefix: str = "text"
+) -> list[FieldViolation]:
+    """Rejects parameters a model does not honour, and values outside the model's own ranges
+    (which may be narrower than the ranges every backend shares)."""
+    violations = []
+    for spec in specs:
+        section, _, short = spec.name.partition(".")
+        if section != prefix or not hasattr(params, short):
+            continue
+        value = getattr(params, short)
+        if value is None or value == ():
+            continue
+        field = spec.name
+        if not spec.supported:
+            violations.append(FieldViolation(field, f"not supported by model {model_id!r}"))
+            continue
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            problem = _out_of_range(spec, value)
+            if problem:
+                violations.append(FieldViolation(field, f"{problem} (the range of model {model_id!r})"))
+    return violations

@@ -18,6 +18,7 @@ class FinishReason(enum.Enum):
     LENGTH = "length"
     CANCELLED = "cancelled"
     CONTENT_FILTER = "content_filter"
+    TOOL_CALLS = "tool_calls"
 
 
 class ModelState(enum.Enum):
@@ -25,16 +26,113 @@ class ModelState(enum.Enum):
     DOWNLOADING = "downloading"
     NOT_DOWNLOADED = "not_downloaded"
     ERROR = "error"
+    UNAVAILABLE = "unavailable"
+
+
+class CircuitState(enum.Enum):
+    """A provider model's circuit breaker: CLOSED serves, OPEN refuses at once, HALF_OPEN lets
+    one probe request through."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
 
 
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 
 
 @dataclass(frozen=True)
+class TextPart:
+    text: str
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    """An input image: a URL (https or data:) or inline bytes with their MIME type."""
+
+    url: str = ""
+    data: bytes = b""
+    mime_type: str = ""
+    detail: str = ""  # "", "auto", "low", "high": how closely the model should look (OpenAI)
+
+
+ContentPart = TextPart | ImagePart
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A call of a function tool by the model; `arguments` is JSON text as the model wrote it."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class ChatMessage:
+    """One message. `content` is plain text; `parts` carry further content (text and images)
+    after it. Assistant messages may carry `tool_calls`; `tool` messages answer one call,
+    named by `tool_call_id`."""
+
     role: str
-    content: str
+    content: str = ""
     name: str = ""
+    parts: tuple[ContentPart, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str = ""
+
+    def content_parts(self) -> tuple[ContentPart, ...]:
+        """`content` (when set) as a leading text part, then `parts`."""
+        if self.content:
+            return (TextPart(self.content), *self.parts)
+        return self.parts
+
+    def text(self) -> str:
+        """All text of the message (images left out)."""
+        return "".join(p.text for p in self.content_parts() if isinstance(p, TextPart))
+
+    @property
+    def images(self) -> tuple[ImagePart, ...]:
+        return tuple(p for p in self.parts if isinstance(p, ImagePart))
+
+
+@dataclass(frozen=True)
+class FunctionTool:
+    """A function the model may call. `parameters` is a JSON Schema object (None: no arguments);
+    `strict` asks providers that support it to enforce the schema exactly."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] | None = None
+    strict: bool = False
+
+
+class ToolChoiceMode(enum.Enum):
+    AUTO = "auto"  # the model decides
+    NONE = "none"  # no tool calls
+    REQUIRED = "required"  # at least one tool call
+    FUNCTION = "function"  # a call of the named function
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    mode: ToolChoiceMode = ToolChoiceMode.AUTO
+    function: str = ""  # with FUNCTION
+
+
+class ResponseFormatType(enum.Enum):
+    TEXT = "text"
+    JSON_OBJECT = "json_object"
+    JSON_SCHEMA = "json_schema"
+
+
+@dataclass(frozen=True)
+class ResponseFormat:
+    type: ResponseFormatType = ResponseFormatType.TEXT
+    schema: dict[str, Any] | None = None  # with JSON_SCHEMA
+    name: str = ""
+    description: str = ""
+    strict: bool = False
 
 
 @dataclass(frozen=True)
@@ -50,13 +148,16 @@ class TextParams:
     repetition_penalty: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    response_format: ResponseFormat | None = None
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
     """One validated generation request, as a backend receives it.
 
-    `model` is the backend-local model name (without the `provider/` prefix).
+    `model` is the backend-local model name (without the `provider/` prefix). `stream` says the
+    caller consumes output as it is produced (backends may then stream from upstream);
+    `deadline` is the caller's deadline on the event loop's clock (`loop.time()`), or None.
     """
 
     request_id: str
@@ -64,7 +165,11 @@ class GenerationRequest:
     messages: tuple[ChatMessage, ...] = ()
     prompt: str | None = None
     text: TextParams = field(default_factory=TextParams)
+    tools: tuple[FunctionTool, ...] = ()
+    tool_choice: ToolChoice | None = None
     provider_options: dict[str, Any] = field(default_factory=dict)
+    stream: bool = False
+    deadline: float | None = None
 
     @property
     def is_chat(self) -> bool:
@@ -76,6 +181,8 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     steps: int = 0
+    cached_prompt_tokens: int = 0
+    reasoning_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -89,6 +196,17 @@ class TextChunk:
 
 
 @dataclass(frozen=True)
+class ToolCallChunk:
+    """A piece of a tool call. The first piece of call `index` carries its `id` and `name`;
+    `arguments` pieces concatenate to the call's JSON arguments."""
+
+    index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass(frozen=True)
 class ProgressChunk:
     stage: str
     step: int = 0
@@ -97,19 +215,40 @@ class ProgressChunk:
 
 @dataclass(frozen=True)
 class DoneChunk:
-    """Always the last chunk a backend yields for a generation that ended normally."""
+    """Always the last chunk a backend yields for a generation that ended normally.
+
+    `model_version` is the exact model the provider reports having used (for example a dated
+    snapshot), when it says.
+    """
 
     finish_reason: FinishReason
     usage: Usage
     stop_sequence: str = ""
+    model_version: str = ""
 
 
-Chunk = TextChunk | ProgressChunk | DoneChunk
+Chunk = TextChunk | ToolCallChunk | ProgressChunk | DoneChunk
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a model takes. A request needing a capability its model lacks is rejected."""
+
+    streaming: bool = True
+    tools: bool = False
+    vision: bool = False
+    json_object: bool = False
+    json_schema: bool = False
+    max_output_tokens: int = 0  # 0: unknown
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """A model as a backend describes it; `name` is backend-local, `id` is `provider/name`."""
+    """A model as a backend describes it; `name` is backend-local, `id` is `provider/name`.
+
+    `state_reason` says why a model that is not AVAILABLE cannot serve (for example a provider
+    without an API key).
+    """
 
     provider: str
     name: str
@@ -120,6 +259,9 @@ class ModelInfo:
     size_bytes: int = 0
     loaded: bool = False
     aliases: tuple[str, ...] = ()
+    capabilities: Capabilities = field(default_factory=Capabilities)
+    state_reason: str = ""
+    circuit: CircuitState = CircuitState.CLOSED
 
     @property
     def id(self) -> str:

@@ -6,10 +6,10 @@ request is reported at once, each naming its field.
 
 from __future__ import annotations
 
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import json_format
 
 from pluggably.core.errors import FieldViolation, InvalidArgument
-from pluggably.core.params import ParameterSpec, ParamType, validate_text_params
+from pluggably.core.params import validate_text_params
 from pluggably.core.types import (
     CHAT_ROLES,
     ChatMessage,
@@ -17,8 +17,6 @@ from pluggably.core.types import (
     FinishReason,
     GenerationRequest,
     Modality,
-    ModelInfo,
-    ModelState,
     ProgressChunk,
     TextChunk,
     TextParams,
@@ -27,36 +25,16 @@ from pluggably.core.types import (
 from pluggably.v1 import (
     generate_service_pb2,
     generation_pb2,
-    model_pb2,
     stream_service_pb2,
 )
 
 MAX_FALLBACKS = 8
 
-_MODALITY_TO_PB = {
-    Modality.TEXT: model_pb2.MODALITY_TEXT,
-    Modality.IMAGE: model_pb2.MODALITY_IMAGE,
-    Modality.MESH: model_pb2.MODALITY_MESH,
-}
-MODALITY_FROM_PB = {v: k for k, v in _MODALITY_TO_PB.items()}
-_STATE_TO_PB = {
-    ModelState.AVAILABLE: model_pb2.MODEL_STATE_AVAILABLE,
-    ModelState.DOWNLOADING: model_pb2.MODEL_STATE_DOWNLOADING,
-    ModelState.NOT_DOWNLOADED: model_pb2.MODEL_STATE_NOT_DOWNLOADED,
-    ModelState.ERROR: model_pb2.MODEL_STATE_ERROR,
-}
 _FINISH_TO_PB = {
     FinishReason.STOP: generation_pb2.FINISH_REASON_STOP,
     FinishReason.LENGTH: generation_pb2.FINISH_REASON_LENGTH,
     FinishReason.CANCELLED: generation_pb2.FINISH_REASON_CANCELLED,
     FinishReason.CONTENT_FILTER: generation_pb2.FINISH_REASON_CONTENT_FILTER,
-}
-_PARAM_TYPE_TO_PB = {
-    ParamType.INTEGER: model_pb2.PARAMETER_TYPE_INTEGER,
-    ParamType.NUMBER: model_pb2.PARAMETER_TYPE_NUMBER,
-    ParamType.STRING: model_pb2.PARAMETER_TYPE_STRING,
-    ParamType.BOOLEAN: model_pb2.PARAMETER_TYPE_BOOLEAN,
-    ParamType.STRING_LIST: model_pb2.PARAMETER_TYPE_STRING_LIST,
 }
 _OPTIONS_MODALITY = {"text": Modality.TEXT, "image": Modality.IMAGE, "mesh": Modality.MESH}
 
@@ -173,37 +151,3 @@ class ResponseAccumulator:
     def result(self) -> generate_service_pb2.GenerateResponse:
         self.response.text = "".join(self._text)
         return self.response
-
-
-def model_to_pb(info: ModelInfo) -> model_pb2.Model:
-    return model_pb2.Model(
-        id=info.id,
-        provider=info.provider,
-        name=info.name,
-        description=info.description,
-        modality=_MODALITY_TO_PB[info.modality],
-        state=_STATE_TO_PB[info.state],
-        aliases=list(info.aliases),
-        context_length=info.context_length,
-        size_bytes=info.size_bytes,
-        loaded=info.loaded,
-    )
-
-
-def parameter_to_pb(spec: ParameterSpec) -> model_pb2.ParameterSpec:
-    out = model_pb2.ParameterSpec(
-        name=spec.name,
-        type=_PARAM_TYPE_TO_PB[spec.type],
-        description=spec.description,
-        supported=spec.supported,
-        exclusive_minimum=spec.exclusive_minimum,
-    )
-    if spec.default is None:
-        out.default_value.null_value = struct_pb2.NULL_VALUE
-    else:
-        json_format.ParseDict(spec.default, out.default_value)
-    if spec.minimum is not None:
-        out.minimum = spec.minimum
-    if spec.maximum is not None:
-        out.maximum = spec.maximum
-    return out

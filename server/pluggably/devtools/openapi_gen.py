@@ -30,7 +30,7 @@ Output is deterministic: map-like objects (paths, components, responses, schema 
 sorted keys, message properties and parameters keep proto declaration order, 2-space indent and a
 trailing newline, no timestamps. Only the standard library and ``protobuf`` are used.
 
-Usage: python tools/openapi_gen.py envoy/pluggably.pb -o envoy/openapi.json
+Usage: python -m pluggably.devtools.openapi_gen envoy/pluggably.pb -o envoy/openapi.json
 """
 
 from __future__ import annotations

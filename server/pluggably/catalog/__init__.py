@@ -1,0 +1,1 @@
+"""The model catalog: ModelService (listing, lookup, parameter documentation)."""

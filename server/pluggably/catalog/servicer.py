@@ -1,0 +1,66 @@
+"""ModelService: the models every backend serves, by id or alias, and their parameters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pluggably.api.pagination import check_page_size, decode_page_token, encode_page_token
+from pluggably.api.unimplemented import not_yet
+from pluggably.catalog.convert import MODALITY_FROM_PB, model_to_pb, parameter_to_pb
+from pluggably.core.errors import FieldViolation, InvalidArgument
+from pluggably.generation.router import Router
+from pluggably.v1 import model_pb2, model_service_pb2, model_service_pb2_grpc
+
+
+class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
+    def __init__(self, router: Router) -> None:
+        self._router = router
+
+    async def ListModels(self, request: model_service_pb2.ListModelsRequest, context: Any) -> model_service_pb2.ListModelsResponse:
+        violations: list[FieldViolation] = []
+        size = check_page_size(request.page_size, violations)
+        if request.modality and request.modality not in MODALITY_FROM_PB:
+            violations.append(FieldViolation("modality", f"unknown modality {request.modality}"))
+        filter_key = f"{request.provider}|{request.modality}"
+        after = ""
+        if request.page_token:
+            after = decode_page_token(request.page_token, filter_key, violations, "ListModels")
+        if violations:
+            raise InvalidArgument(violations)
+
+        modality = MODALITY_FROM_PB.get(request.modality)
+        models = [
+            m for m in await self._router.list_models()
+            if (not request.provider or m.provider == request.provider)
+            and (modality is None or m.modality is modality)
+            and m.id > after
+        ]
+        page = models[:size]
+        response = model_service_pb2.ListModelsResponse(models=[model_to_pb(m) for m in page])
+        if len(models) > size:
+            response.next_page_token = encode_page_token(page[-1].id, filter_key)
+        return response
+
+    async def GetModel(self, request: model_service_pb2.GetModelRequest, context: Any) -> model_pb2.Model:
+        _require(request.id, "id")
+        return model_to_pb(await self._router.get_model(request.id))
+
+    async def GetModelParameters(
+        self, request: model_service_pb2.GetModelParametersRequest, context: Any
+    ) -> model_service_pb2.GetModelParametersResponse:
+        _require(request.id, "id")
+        model_id, specs = await self._router.parameters(request.id)
+        return model_service_pb2.GetModelParametersResponse(
+            model=model_id, parameters=[parameter_to_pb(s) for s in specs])
+
+    DownloadModel = not_yet("DownloadModel (model downloads)")
+    GetDownload = not_yet("GetDownload (model downloads)")
+    WatchDownload = not_yet("WatchDownload (model downloads)", streaming=True)
+    CancelDownload = not_yet("CancelDownload (model downloads)")
+    DeleteModel = not_yet("DeleteModel (local model storage)")
+    RescanModels = not_yet("RescanModels (model discovery)")
+
+
+def _require(value: str, field: str) -> None:
+    if not value.strip():
+        raise InvalidArgument([FieldViolation(field, "required")])

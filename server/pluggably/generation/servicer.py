@@ -1,0 +1,60 @@
+"""Thin servicers: proto -> domain -> dataplane -> proto. They raise domain errors and never
+touch the context beyond reading the caller's deadline; the interceptor maps errors and sets the
+request id."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pluggably.core.context import current_request_id
+from pluggably.core.types import GenerationRequest
+from pluggably.generation.convert import (
+    ResponseAccumulator,
+    generation_request_from_pb,
+    stream_chunk_to_pb,
+)
+from pluggably.generation.dataplane import Dataplane
+from pluggably.v1 import (
+    generate_service_pb2,
+    generate_service_pb2_grpc,
+    generation_pb2,
+    stream_service_pb2,
+    stream_service_pb2_grpc,
+)
+
+
+def _with_deadline(request: GenerationRequest, context: Any, *, stream: bool) -> GenerationRequest:
+    remaining = context.time_remaining() if context is not None else None
+    deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
+    return dataclasses.replace(request, stream=stream, deadline=deadline)
+
+
+class GenerateServicer(generate_service_pb2_grpc.GenerateServiceServicer):
+    def __init__(self, dataplane: Dataplane) -> None:
+        self._dataplane = dataplane
+
+    async def Generate(self, request: generation_pb2.GenerateRequest, context: Any) -> generate_service_pb2.GenerateResponse:
+        request_id = current_request_id()
+        domain, modality = generation_request_from_pb(request, request_id)
+        domain = _with_deadline(domain, context, stream=False)
+        result = ResponseAccumulator(request_id)
+        async for model, chunk in self._dataplane.generate(domain, request.model, request.fallback_models, modality):
+            result.add(model, chunk)
+        return result.result()
+
+
+class StreamServicer(stream_service_pb2_grpc.StreamServiceServicer):
+    def __init__(self, dataplane: Dataplane) -> None:
+        self._dataplane = dataplane
+
+    async def StreamGenerate(
+        self, request: generation_pb2.GenerateRequest, context: Any
+    ) -> AsyncIterator[stream_service_pb2.StreamGenerateResponse]:
+        request_id = current_request_id()
+        domain, modality = generation_request_from_pb(request, request_id)
+        domain = _with_deadline(domain, context, stream=True)
+        async for model, chunk in self._dataplane.generate(domain, request.model, request.fallback_models, modality):
+            yield stream_chunk_to_pb(request_id, model, chunk)

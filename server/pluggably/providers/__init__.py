@@ -1,0 +1,1 @@
+"""Hosted providers: adapters for provider HTTP APIs over one shared transport layer."""

@@ -1,0 +1,45 @@
+"""The `local:` config section: models that Pluggably runs itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from pluggably.core.configmodel import StrictModel
+
+
+class LocalModelConfig(StrictModel):
+    name: str = Field(min_length=1)
+    path: Path
+    modality: Literal["text"] = "text"
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    max_concurrency: int = Field(1, ge=1)
+    max_queue: int = Field(16, ge=0)
+    default_max_tokens: int = Field(256, ge=1)
+    context_length: int | None = Field(None, ge=1)
+    description: str = ""
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError("must be 'auto', 'cpu', 'cuda' or 'cuda:<index>'")
+
+
+class LocalConfig(StrictModel):
+    # Empty by default: a gateway configured only for hosted providers serves no local model
+    # (the demo model comes from `make run`'s demo config, never from built-in defaults).
+    models: list[LocalModelConfig] = Field(default_factory=list)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[LocalModelConfig]) -> list[LocalModelConfig]:
+        names = [m.name for m in models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate model names: {', '.join(duplicates)}")
+        return models

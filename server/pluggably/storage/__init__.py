@@ -1,0 +1,1 @@
+"""Storage: StorageService (disk usage, pruning, the artifact store)."""
