@@ -106,6 +106,12 @@ class RecordedRequest:
     at: float  # time.monotonic() when it arrived
 
 
+# Per-request state the middleware hands to handlers and stream writers.
+JSON_BODY = web.RequestKey("json_body", object)
+FAULT = web.RequestKey("fault", object)
+RESPONSE = web.RequestKey("response", web.StreamResponse)
+
+
 class EndStream(Exception):
     """Raised inside a stream handler to end the response now (after a drop or an error event)."""
 
@@ -162,7 +168,7 @@ class SSEWriter:
         self.request = request
         self.response = response
         self.newline = b"\r\n" if crlf else b"\n"
-        self.fault: Fault | None = request.get("fault")
+        self.fault: Fault | None = request.get(FAULT)  # type: ignore[assignment]
         self.events = 0
         self._error_event = error_event
 
@@ -346,11 +352,11 @@ class StandIn:
                 headers={k.lower(): v for k, v in request.headers.items()}, body=body, raw=raw,
                 at=time.monotonic(),
             ))
-        request["json"] = body
+        request[JSON_BODY] = body
         if request.transport is not None:
             self.connections.add(id(request.transport))
         fault = self._take_fault(request.path)
-        request["fault"] = fault
+        request[FAULT] = fault
         self.active += 1
         try:
             if fault is not None:
@@ -367,7 +373,7 @@ class StandIn:
             try:
                 return await handler(request)
             except EndStream:
-                return request["response"]
+                return request[RESPONSE]
         except (asyncio.CancelledError, ConnectionError):
             self.disconnects += 1
             raise
@@ -394,7 +400,7 @@ class StandIn:
             "Cache-Control": "no-cache",
             **(headers or {}),
         })
-        request["response"] = response
+        request[RESPONSE] = response
         await response.prepare(request)
         return SSEWriter(self, request, response, crlf=crlf, error_event=error_event)
 
