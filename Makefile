@@ -15,7 +15,7 @@ PLUGGABLY_CONFIG ?= examples/demo.yaml
 PROTOS      := $(wildcard proto/pluggably/v1/*.proto)
 PYTEST_ARGS ?=
 
-.PHONY: help install run test generate check-generated lint bench model clean
+.PHONY: help install run test generate check-generated lint breaking bench model clean
 
 help:
 	@echo "make run              start the gRPC server (:$(GRPC_PORT)) and Envoy REST/gRPC (:$(HTTP_PORT))"
@@ -23,6 +23,7 @@ help:
 	@echo "make generate         regenerate Python stubs, Envoy descriptor set and OpenAPI from proto/"
 	@echo "make check-generated  fail if generated files are out of date"
 	@echo "make lint             buf lint/format, ruff"
+	@echo "make breaking         buf breaking against the released contract (proto/baseline/)"
 	@echo "make bench            run the benchmarks in bench/"
 	@echo "make model            build the tiny offline demo model into $(MODEL_DIR)"
 
@@ -61,6 +62,18 @@ check-generated: generate
 	@git add -N server/pluggably/v1 envoy >/dev/null 2>&1 || true
 	@git diff --exit-code --stat -- server/pluggably/v1 envoy/pluggably.pb envoy/openapi.json \
 		|| (echo "generated files are out of date: run 'make generate' and commit"; exit 1)
+
+# The contract changes additively only. FILE rules against the contract as last released, and
+# WIRE_JSON against the first release (9e4b693). FIELD_WIRE_JSON_COMPATIBLE_TYPE is excepted there
+# for the one rename round (Message -> ChatMessage, same fields): buf compares message type names,
+# so it flags any rename; tests/test_codegen.py checks that the renamed types kept every field.
+breaking: install
+	@mkdir -p build
+	$(BUF) build --exclude-source-info -o build/contract.binpb
+	$(BUF) breaking build/contract.binpb --against proto/baseline/v1.binpb \
+		--config '{"version":"v2","breaking":{"use":["FILE"]}}'
+	$(BUF) breaking build/contract.binpb --against proto/baseline/v1-foundation.binpb \
+		--config '{"version":"v2","breaking":{"use":["WIRE_JSON"],"except":["FIELD_WIRE_JSON_COMPATIBLE_TYPE"]}}'
 
 lint: install
 	$(BUF) lint

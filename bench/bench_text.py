@@ -118,7 +118,7 @@ def grpc_sample(stub, max_tokens: int, seed: int) -> tuple[float, int, float]:
     from pluggably.v1 import generation_pb2
 
     request = generation_pb2.GenerateRequest(
-        model="local/bench", messages=[generation_pb2.Message(**m) for m in PROMPT],
+        model="local/bench", messages=[generation_pb2.ChatMessage(**m) for m in PROMPT],
         text=generation_pb2.TextOptions(max_tokens=max_tokens, seed=seed, temperature=1.0))
     request.provider_options["ignore_eos"].bool_value = True
     start = time.perf_counter()

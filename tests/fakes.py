@@ -7,7 +7,12 @@ from collections.abc import AsyncIterator, Callable
 
 from pluggably.core.backend import Backend
 from pluggably.core.errors import ModelNotFound
-from pluggably.core.params import NO_PROVIDER_OPTIONS, ParameterSpec, ProviderOptionsPolicy, parameters_for
+from pluggably.core.params import (
+    NO_PROVIDER_OPTIONS,
+    ParameterSpec,
+    ProviderOptionsPolicy,
+    parameters_for,
+)
 from pluggably.core.types import (
     Capabilities,
     Chunk,
@@ -47,6 +52,8 @@ class FakeBackend(Backend):
         self.ranges = ranges
         self.options = options
         self.first_delay_s: dict[str, float] = {}
+        self.extra_chunks: list[Chunk] = []  # yielded after the words (e.g. tool call pieces)
+        self.finish = FinishReason.STOP
         self.behaviours: dict[str, Callable[[GenerationRequest], BaseException | None]] = {}
         self.words = ["hello", " ", "world"]
         self.error_after: dict[str, tuple[int, BaseException]] = {}
@@ -88,7 +95,10 @@ class FakeBackend(Backend):
                     yield DoneChunk(FinishReason.CANCELLED, Usage(prompt_tokens=3, completion_tokens=i))
                     return
                 yield TextChunk(word, (i,))
-            yield DoneChunk(FinishReason.STOP, Usage(prompt_tokens=3, completion_tokens=len(self.words)))
+            for chunk in self.extra_chunks:
+                yield chunk
+            yield DoneChunk(self.finish, Usage(prompt_tokens=3, completion_tokens=len(self.words)),
+                            model_version=f"{request.model}-v1")
         except (asyncio.CancelledError, GeneratorExit):
             self.cancelled.set()
             raise

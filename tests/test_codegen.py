@@ -60,3 +60,73 @@ def test_descriptor_set_carries_what_envoy_needs() -> None:
     assert {"google/rpc/status.proto", "google/rpc/error_details.proto", "google/api/httpbody.proto"} <= names
     ours = [f for f in fds.file if f.package == "pluggably.v1"]
     assert ours and all(f.source_code_info.location for f in ours)
+
+
+BASELINE = REPO_ROOT / "proto" / "baseline"
+
+
+def _image(path: Path):
+    from google.protobuf import descriptor_pb2
+
+    return descriptor_pb2.FileDescriptorSet.FromString(path.read_bytes())
+
+
+def _messages(fds) -> dict[str, object]:
+    out = {}
+    for f in fds.file:
+        for m in f.message_type:
+            out[f"{f.package}.{m.name}"] = m
+    return out
+
+
+def test_make_breaking_passes() -> None:
+    result = subprocess.run(["make", "-s", "breaking"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_breaking_check_catches_a_breaking_change(tmp_path: Path) -> None:
+    import shutil
+
+    shutil.copytree(REPO_ROOT / "proto", tmp_path / "proto", ignore=shutil.ignore_patterns("baseline"))
+    shutil.copytree(REPO_ROOT / "third_party", tmp_path / "third_party")
+    shutil.copy(REPO_ROOT / "buf.yaml", tmp_path / "buf.yaml")
+    generation = tmp_path / "proto" / "pluggably" / "v1" / "generation.proto"
+    text = generation.read_text()
+    assert "  optional int64 seed = 5;" in text
+    generation.write_text(text.replace("  optional int64 seed = 5;", "  optional int32 seed = 5;"))
+    image = tmp_path / "contract.binpb"
+    assert _buf("build", str(tmp_path), "--exclude-source-info", "-o", str(image)).returncode == 0
+    for baseline in ("v1.binpb", "v1-foundation.binpb"):
+        result = _buf("breaking", str(image), "--against", str(BASELINE / baseline),
+                      "--config", '{"version":"v2","breaking":{"use":["WIRE_JSON"]}}')
+        assert result.returncode != 0 and "seed" in result.stdout, result.stdout + result.stderr
+
+
+def test_renamed_messages_kept_every_field() -> None:
+    """The one rename round must be wire- and JSON-compatible: same numbers, names, types."""
+    renames = {"pluggably.v1.Message": "pluggably.v1.ChatMessage"}
+    before = _messages(_image(BASELINE / "v1-foundation.binpb"))
+    after = _messages(_image(BASELINE / "v1.binpb"))
+    for old, new in renames.items():
+        assert old in before and new in after and old not in after
+        old_fields = {(f.number, f.name, f.type, f.json_name, f.label) for f in before[old].field}
+        new_fields = {(f.number, f.name, f.type, f.json_name, f.label) for f in after[new].field}
+        assert old_fields <= new_fields
+    # Every other message of the first release kept its name and its fields.
+    for name, message in before.items():
+        if name in renames or not name.startswith("pluggably."):
+            continue
+        kept = {(f.number, f.name, f.type) for f in after[name].field}
+        assert {(f.number, f.name, f.type) for f in message.field} <= kept, name
+
+
+def test_baseline_is_the_current_contract_or_older() -> None:
+    """proto/baseline/v1.binpb is the contract as released by the providers change; the working
+    tree may only add to it (checked by `make breaking`), never lack one of its messages."""
+    released = _messages(_image(BASELINE / "v1.binpb"))
+    current = _messages(descriptor_pb2_set())
+    assert set(released) <= set(current)
+
+
+def descriptor_pb2_set():
+    return _image(REPO_ROOT / "envoy" / "pluggably.pb")

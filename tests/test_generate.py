@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import rich_error
 from pluggably.v1 import generate_service_pb2_grpc, generation_pb2, stream_service_pb2_grpc
 
-Message = generation_pb2.Message
+Message = generation_pb2.ChatMessage
 CHAT = [Message(role="system", content="You are terse."), Message(role="user", content="Say something.")]
 
 

@@ -158,7 +158,7 @@ def test_generate_request_json_mapping(doc: dict[str, Any]) -> None:
     assert (text["seed"]["type"], text["seed"]["format"]) == ("string", "int64")
     assert text["temperature"]["type"] == "number"
     assert text["stop"]["items"] == {"type": "string"}
-    assert schema(doc, "pluggably.v1.Message")["required"] == ["role", "content"]
+    assert schema(doc, "pluggably.v1.ChatMessage")["required"] == ["role"]
 
 
 def test_enums_and_output_only_fields(doc: dict[str, Any]) -> None:
@@ -170,6 +170,7 @@ def test_enums_and_output_only_fields(doc: dict[str, Any]) -> None:
         "FINISH_REASON_LENGTH",
         "FINISH_REASON_CANCELLED",
         "FINISH_REASON_CONTENT_FILTER",
+        "FINISH_REASON_TOOL_CALLS",
     ]
     artifact = schema(doc, "pluggably.v1.Artifact")["properties"]
     assert all(p.get("readOnly") for p in artifact.values())

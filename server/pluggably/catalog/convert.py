@@ -5,7 +5,7 @@ from __future__ import annotations
 from google.protobuf import json_format, struct_pb2
 
 from pluggably.core.params import ParameterSpec, ParamType
-from pluggably.core.types import Modality, ModelInfo, ModelState
+from pluggably.core.types import CircuitState, Modality, ModelInfo, ModelState
 from pluggably.v1 import model_pb2
 
 _MODALITY_TO_PB = {
@@ -19,7 +19,13 @@ _STATE_TO_PB = {
     ModelState.DOWNLOADING: model_pb2.MODEL_STATE_DOWNLOADING,
     ModelState.NOT_DOWNLOADED: model_pb2.MODEL_STATE_NOT_DOWNLOADED,
     ModelState.ERROR: model_pb2.MODEL_STATE_ERROR,
-    ModelState.UNAVAILABLE: model_pb2.MODEL_STATE_ERROR,
+    ModelState.UNAVAILABLE: model_pb2.MODEL_STATE_UNAVAILABLE,
+}
+_CIRCUIT_TO_PB = {
+    None: model_pb2.CIRCUIT_STATE_UNSPECIFIED,
+    CircuitState.CLOSED: model_pb2.CIRCUIT_STATE_CLOSED,
+    CircuitState.OPEN: model_pb2.CIRCUIT_STATE_OPEN,
+    CircuitState.HALF_OPEN: model_pb2.CIRCUIT_STATE_HALF_OPEN,
 }
 _PARAM_TYPE_TO_PB = {
     ParamType.INTEGER: model_pb2.PARAMETER_TYPE_INTEGER,
@@ -31,6 +37,7 @@ _PARAM_TYPE_TO_PB = {
 
 
 def model_to_pb(info: ModelInfo) -> model_pb2.Model:
+    caps = info.capabilities
     return model_pb2.Model(
         id=info.id,
         provider=info.provider,
@@ -42,6 +49,16 @@ def model_to_pb(info: ModelInfo) -> model_pb2.Model:
         context_length=info.context_length,
         size_bytes=info.size_bytes,
         loaded=info.loaded,
+        capabilities=model_pb2.ModelCapabilities(
+            streaming=caps.streaming,
+            tools=caps.tools,
+            image_input=caps.vision,
+            json_object=caps.json_object,
+            json_schema=caps.json_schema,
+            max_output_tokens=caps.max_output_tokens,
+        ),
+        state_reason=info.state_reason,
+        circuit_state=_CIRCUIT_TO_PB[info.circuit],
     )
 
 

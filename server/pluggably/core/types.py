@@ -261,7 +261,7 @@ class ModelInfo:
     aliases: tuple[str, ...] = ()
     capabilities: Capabilities = field(default_factory=Capabilities)
     state_reason: str = ""
-    circuit: CircuitState = CircuitState.CLOSED
+    circuit: CircuitState | None = None  # None: no circuit breaker (local models)
 
     @property
     def id(self) -> str:

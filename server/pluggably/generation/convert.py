@@ -1,11 +1,18 @@
 """`from_pb`/`to_pb` converters between the wire contract and the domain types.
 
-Request validation that needs no backend (shape, ranges) happens here, so every violation of a
-request is reported at once, each naming its field.
+Request validation that needs no model (shapes, shared ranges, references between fields)
+happens here, so every violation of a request is reported at once, each naming its field. What
+depends on the model is checked by the dataplane.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
+from typing import Any
+
+import orjson
 from google.protobuf import json_format
 
 from pluggably.core.errors import FieldViolation, InvalidArgument
@@ -13,13 +20,23 @@ from pluggably.core.params import validate_text_params
 from pluggably.core.types import (
     CHAT_ROLES,
     ChatMessage,
+    ContentPart,
     DoneChunk,
     FinishReason,
+    FunctionTool,
     GenerationRequest,
+    ImagePart,
     Modality,
     ProgressChunk,
+    ResponseFormat,
+    ResponseFormatType,
     TextChunk,
     TextParams,
+    TextPart,
+    ToolCall,
+    ToolCallChunk,
+    ToolChoice,
+    ToolChoiceMode,
     Usage,
 )
 from pluggably.v1 import (
@@ -29,14 +46,40 @@ from pluggably.v1 import (
 )
 
 MAX_FALLBACKS = 8
+MAX_TOOLS = 128
+MAX_PARTS = 64
+IMAGE_MIME_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
+_TOOL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
+_SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_DATA_URL = re.compile(r"^data:(?P<mime>image/[a-z0-9.+-]+);base64,(?P<data>.*)$", re.S)
 
 _FINISH_TO_PB = {
     FinishReason.STOP: generation_pb2.FINISH_REASON_STOP,
     FinishReason.LENGTH: generation_pb2.FINISH_REASON_LENGTH,
     FinishReason.CANCELLED: generation_pb2.FINISH_REASON_CANCELLED,
     FinishReason.CONTENT_FILTER: generation_pb2.FINISH_REASON_CONTENT_FILTER,
+    FinishReason.TOOL_CALLS: generation_pb2.FINISH_REASON_TOOL_CALLS,
 }
 _OPTIONS_MODALITY = {"text": Modality.TEXT, "image": Modality.IMAGE, "mesh": Modality.MESH}
+_TOOL_CHOICE = {
+    generation_pb2.TOOL_CHOICE_MODE_UNSPECIFIED: ToolChoiceMode.AUTO,
+    generation_pb2.TOOL_CHOICE_MODE_AUTO: ToolChoiceMode.AUTO,
+    generation_pb2.TOOL_CHOICE_MODE_NONE: ToolChoiceMode.NONE,
+    generation_pb2.TOOL_CHOICE_MODE_REQUIRED: ToolChoiceMode.REQUIRED,
+    generation_pb2.TOOL_CHOICE_MODE_FUNCTION: ToolChoiceMode.FUNCTION,
+}
+_RESPONSE_FORMAT = {
+    generation_pb2.RESPONSE_FORMAT_TYPE_UNSPECIFIED: ResponseFormatType.TEXT,
+    generation_pb2.RESPONSE_FORMAT_TYPE_TEXT: ResponseFormatType.TEXT,
+    generation_pb2.RESPONSE_FORMAT_TYPE_JSON_OBJECT: ResponseFormatType.JSON_OBJECT,
+    generation_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA: ResponseFormatType.JSON_SCHEMA,
+}
+_IMAGE_DETAIL = {
+    generation_pb2.IMAGE_DETAIL_UNSPECIFIED: "",
+    generation_pb2.IMAGE_DETAIL_AUTO: "auto",
+    generation_pb2.IMAGE_DETAIL_LOW: "low",
+    generation_pb2.IMAGE_DETAIL_HIGH: "high",
+}
 
 
 def generation_request_from_pb(
@@ -57,14 +100,9 @@ def generation_request_from_pb(
         violations.append(FieldViolation("prompt", "set either messages or prompt, not both"))
     elif not pb.messages and not has_prompt:
         violations.append(FieldViolation("messages", "required: set messages (chat) or prompt"))
-    messages = []
-    for i, m in enumerate(pb.messages):
-        if m.role not in CHAT_ROLES:
-            violations.append(FieldViolation(
-                f"messages[{i}].role", f"unknown role {m.role!r}; use one of {', '.join(sorted(CHAT_ROLES))}"))
-        if not m.content and m.role != "assistant":
-            violations.append(FieldViolation(f"messages[{i}].content", "must not be empty"))
-        messages.append(ChatMessage(role=m.role, content=m.content, name=m.name))
+    messages = _messages_from_pb(pb.messages, violations)
+    tools = _tools_from_pb(pb.tools, violations)
+    tool_choice = _tool_choice_from_pb(pb, tools, violations)
 
     option_group = pb.WhichOneof("options")
     modality = _OPTIONS_MODALITY.get(option_group) if option_group else None
@@ -81,6 +119,7 @@ def generation_request_from_pb(
             repetition_penalty=t.repetition_penalty if t.HasField("repetition_penalty") else None,
             presence_penalty=t.presence_penalty if t.HasField("presence_penalty") else None,
             frequency_penalty=t.frequency_penalty if t.HasField("frequency_penalty") else None,
+            response_format=_response_format_from_pb(t, violations),
         )
         violations.extend(validate_text_params(text))
     if violations:
@@ -93,9 +132,183 @@ def generation_request_from_pb(
             messages=tuple(messages),
             prompt=pb.prompt if has_prompt else None,
             text=text,
+            tools=tuple(tools),
+            tool_choice=tool_choice,
             provider_options={k: json_format.MessageToDict(v) for k, v in pb.provider_options.items()},
         ),
         modality,
+    )
+
+
+def _messages_from_pb(pbs: Any, violations: list[FieldViolation]) -> list[ChatMessage]:
+    messages = []
+    call_ids: set[str] = set()
+    for i, m in enumerate(pbs):
+        field = f"messages[{i}]"
+        if m.role not in CHAT_ROLES:
+            violations.append(FieldViolation(
+                f"{field}.role", f"unknown role {m.role!r}; use one of {', '.join(sorted(CHAT_ROLES))}"))
+        if len(m.parts) > MAX_PARTS:
+            violations.append(FieldViolation(f"{field}.parts", f"at most {MAX_PARTS} parts, got {len(m.parts)}"))
+        parts = [_part_from_pb(p, f"{field}.parts[{j}]", m.role, violations) for j, p in enumerate(m.parts)]
+        calls = []
+        if m.tool_calls and m.role != "assistant":
+            violations.append(FieldViolation(f"{field}.tool_calls", "only assistant messages carry tool calls"))
+        for j, call in enumerate(m.tool_calls):
+            calls.append(_tool_call_from_pb(call, f"{field}.tool_calls[{j}]", violations))
+        if m.role == "tool":
+            if not m.tool_call_id:
+                violations.append(FieldViolation(f"{field}.tool_call_id", "required on tool messages"))
+            elif m.tool_call_id not in call_ids:
+                violations.append(FieldViolation(
+                    f"{field}.tool_call_id",
+                    f"{m.tool_call_id!r} is not the id of a tool call of an earlier assistant message"))
+        elif m.tool_call_id:
+            violations.append(FieldViolation(f"{field}.tool_call_id", "only tool messages answer a tool call"))
+        if not m.content and not parts and m.role != "assistant":
+            violations.append(FieldViolation(f"{field}.content", "must not be empty"))
+        call_ids.update(c.id for c in calls)
+        messages.append(ChatMessage(
+            role=m.role, content=m.content, name=m.name, parts=tuple(p for p in parts if p is not None),
+            tool_calls=tuple(calls), tool_call_id=m.tool_call_id))
+    return messages
+
+
+def _part_from_pb(pb: generation_pb2.ContentPart, field: str, role: str,
+                  violations: list[FieldViolation]) -> ContentPart | None:
+    kind = pb.WhichOneof("part")
+    if kind == "text":
+        if not pb.text:
+            violations.append(FieldViolation(f"{field}.text", "must not be empty"))
+        return TextPart(pb.text)
+    if kind != "image":
+        violations.append(FieldViolation(field, "set text or image"))
+        return None
+    if role != "user":
+        violations.append(FieldViolation(f"{field}.image", "images are accepted in user messages only"))
+    image = pb.image
+    mime = image.mime_type.lower()
+    if mime and mime not in IMAGE_MIME_TYPES:
+        violations.append(FieldViolation(
+            f"{field}.image.mime_type", f"unsupported image type {image.mime_type!r}; use one of "
+            f"{', '.join(sorted(IMAGE_MIME_TYPES))}"))
+    source = image.WhichOneof("source")
+    if source == "data":
+        if not image.data:
+            violations.append(FieldViolation(f"{field}.image.data", "must not be empty"))
+        if not mime:
+            violations.append(FieldViolation(f"{field}.image.mime_type", "required with inline data"))
+        return ImagePart(data=image.data, mime_type=mime, detail=_IMAGE_DETAIL.get(image.detail, ""))
+    if source != "url":
+        violations.append(FieldViolation(f"{field}.image", "set url or data"))
+        return None
+    url = image.url.strip()
+    match = _DATA_URL.match(url)
+    if match:
+        if match["mime"] not in IMAGE_MIME_TYPES:
+            violations.append(FieldViolation(f"{field}.image.url", f"unsupported image type {match['mime']!r}"))
+        try:
+            data = base64.b64decode(match["data"], validate=True)
+        except (binascii.Error, ValueError):
+            violations.append(FieldViolation(f"{field}.image.url", "the data URL is not valid base64"))
+            data = b""
+        # Inline bytes from here on: one form for every adapter to encode its own way.
+        return ImagePart(data=data, mime_type=match["mime"], detail=_IMAGE_DETAIL.get(image.detail, ""))
+    if not url.startswith(("https://", "http://")):
+        violations.append(FieldViolation(
+            f"{field}.image.url", "must be an http(s) URL or a data:image/...;base64, URL"))
+    return ImagePart(url=url, mime_type=mime, detail=_IMAGE_DETAIL.get(image.detail, ""))
+
+
+def _tool_call_from_pb(pb: generation_pb2.ToolCall, field: str, violations: list[FieldViolation]) -> ToolCall:
+    if not pb.id:
+        violations.append(FieldViolation(f"{field}.id", "required"))
+    if not pb.name:
+        violations.append(FieldViolation(f"{field}.name", "required"))
+    arguments = pb.arguments or "{}"
+    try:
+        parsed = orjson.loads(arguments)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        violations.append(FieldViolation(f"{field}.arguments", "must be a JSON object"))
+    return ToolCall(id=pb.id, name=pb.name, arguments=arguments)
+
+
+def _tools_from_pb(pbs: Any, violations: list[FieldViolation]) -> list[FunctionTool]:
+    if len(pbs) > MAX_TOOLS:
+        violations.append(FieldViolation("tools", f"at most {MAX_TOOLS} tools, got {len(pbs)}"))
+    tools, seen = [], set()
+    for i, tool in enumerate(pbs):
+        field = f"tools[{i}]"
+        if tool.WhichOneof("kind") != "function":
+            violations.append(FieldViolation(f"{field}.function", "required"))
+            continue
+        fn = tool.function
+        if not _TOOL_NAME.match(fn.name):
+            violations.append(FieldViolation(
+                f"{field}.function.name",
+                "letters, digits, '_' and '-', starting with a letter or '_', at most 64 characters"))
+        elif fn.name in seen:
+            violations.append(FieldViolation(f"{field}.function.name", f"{fn.name!r} is declared twice"))
+        seen.add(fn.name)
+        parameters = json_format.MessageToDict(fn.parameters) if fn.HasField("parameters") else None
+        if parameters is not None and parameters.get("type", "object") != "object":
+            violations.append(FieldViolation(
+                f"{field}.function.parameters", "must be a JSON Schema of type 'object'"))
+        tools.append(FunctionTool(name=fn.name, description=fn.description, parameters=parameters,
+                                  strict=fn.strict))
+    return tools
+
+
+def _tool_choice_from_pb(pb: generation_pb2.GenerateRequest, tools: list[FunctionTool],
+                         violations: list[FieldViolation]) -> ToolChoice | None:
+    if not pb.HasField("tool_choice"):
+        return None
+    choice = pb.tool_choice
+    mode = _TOOL_CHOICE.get(choice.mode)
+    if mode is None:
+        violations.append(FieldViolation("tool_choice.mode", f"unknown mode {choice.mode}"))
+        return None
+    if not tools:
+        violations.append(FieldViolation("tool_choice", "requires tools"))
+    if mode is ToolChoiceMode.FUNCTION:
+        if not choice.function_name:
+            violations.append(FieldViolation("tool_choice.function_name", "required with TOOL_CHOICE_MODE_FUNCTION"))
+        elif tools and choice.function_name not in {t.name for t in tools}:
+            violations.append(FieldViolation(
+                "tool_choice.function_name", f"{choice.function_name!r} is not one of the request's tools"))
+    elif choice.function_name:
+        violations.append(FieldViolation("tool_choice.function_name", "only with TOOL_CHOICE_MODE_FUNCTION"))
+    return ToolChoice(mode, choice.function_name)
+
+
+def _response_format_from_pb(text: generation_pb2.TextOptions,
+                             violations: list[FieldViolation]) -> ResponseFormat | None:
+    if not text.HasField("response_format"):
+        return None
+    fmt = text.response_format
+    kind = _RESPONSE_FORMAT.get(fmt.type)
+    if kind is None:
+        violations.append(FieldViolation("text.response_format.type", f"unknown type {fmt.type}"))
+        return None
+    if kind is not ResponseFormatType.JSON_SCHEMA:
+        if fmt.HasField("json_schema"):
+            violations.append(FieldViolation(
+                "text.response_format.json_schema", "only with RESPONSE_FORMAT_TYPE_JSON_SCHEMA"))
+        return None if kind is ResponseFormatType.TEXT else ResponseFormat(kind)
+    schema = fmt.json_schema
+    if not schema.HasField("schema"):
+        violations.append(FieldViolation("text.response_format.json_schema.schema", "required"))
+    if schema.name and not _SCHEMA_NAME.match(schema.name):
+        violations.append(FieldViolation(
+            "text.response_format.json_schema.name", "letters, digits, '_' and '-', at most 64 characters"))
+    return ResponseFormat(
+        kind,
+        schema=json_format.MessageToDict(schema.schema) if schema.HasField("schema") else None,
+        name=schema.name or "response",
+        description=schema.description,
+        strict=schema.strict,
     )
 
 
@@ -105,6 +318,8 @@ def usage_to_pb(usage: Usage) -> generation_pb2.Usage:
         completion_tokens=usage.completion_tokens,
         total_tokens=usage.total_tokens,
         steps=usage.steps,
+        cached_prompt_tokens=usage.cached_prompt_tokens,
+        reasoning_tokens=usage.reasoning_tokens,
     )
 
 
@@ -115,6 +330,7 @@ def _copy_done(
     target.finish_reason = _FINISH_TO_PB[chunk.finish_reason]
     target.usage.CopyFrom(usage_to_pb(chunk.usage))
     target.stop_sequence = chunk.stop_sequence
+    target.model_version = chunk.model_version
 
 
 def stream_chunk_to_pb(request_id: str, model: str, chunk: object) -> stream_service_pb2.StreamGenerateResponse:
@@ -122,6 +338,12 @@ def stream_chunk_to_pb(request_id: str, model: str, chunk: object) -> stream_ser
     if isinstance(chunk, TextChunk):
         out.text_delta.text = chunk.text
         out.text_delta.token_ids.extend(chunk.token_ids)
+    elif isinstance(chunk, ToolCallChunk):
+        delta = out.tool_call_delta
+        delta.index = chunk.index
+        delta.id = chunk.id
+        delta.name = chunk.name
+        delta.arguments = chunk.arguments
     elif isinstance(chunk, ProgressChunk):
         out.progress.stage = chunk.stage
         out.progress.step = chunk.step
@@ -139,15 +361,26 @@ class ResponseAccumulator:
     def __init__(self, request_id: str) -> None:
         self.response = generate_service_pb2.GenerateResponse(id=request_id)
         self._text: list[str] = []
+        self._calls: dict[int, list[str]] = {}  # index -> [id, name, arguments...]
 
     def add(self, model: str, chunk: object) -> None:
         self.response.model = model
         if isinstance(chunk, TextChunk):
             self._text.append(chunk.text)
             self.response.token_ids.extend(chunk.token_ids)
+        elif isinstance(chunk, ToolCallChunk):
+            call = self._calls.setdefault(chunk.index, ["", ""])
+            if chunk.id:
+                call[0] = chunk.id
+            if chunk.name:
+                call[1] = chunk.name
+            call.append(chunk.arguments)
         elif isinstance(chunk, DoneChunk):
             _copy_done(chunk, self.response)
 
     def result(self) -> generate_service_pb2.GenerateResponse:
         self.response.text = "".join(self._text)
+        for index in sorted(self._calls):
+            call_id, name, *arguments = self._calls[index]
+            self.response.tool_calls.add(id=call_id, name=name, arguments="".join(arguments))
         return self.response

@@ -23,22 +23,23 @@ _sym_db = _symbol_database.Default()
 
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from google.rpc import error_details_pb2 as google_dot_rpc_dot_error__details__pb2
 from pluggably.v1 import artifact_pb2 as pluggably_dot_v1_dot_artifact__pb2
 from pluggably.v1 import generation_pb2 as pluggably_dot_v1_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#pluggably/v1/generate_service.proto\x12\x0cpluggably.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1bpluggably/v1/artifact.proto\x1a\x1dpluggably/v1/generation.proto\"\xe7\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12)\n\tartifacts\x18\x05 \x03(\x0b\x32\x16.pluggably.v1.Artifact\x12\x31\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1a.pluggably.v1.FinishReason\x12\"\n\x05usage\x18\x07 \x01(\x0b\x32\x13.pluggably.v1.Usage\x12\x15\n\rstop_sequence\x18\x08 \x01(\t2u\n\x0fGenerateService\x12\x62\n\x08Generate\x12\x1d.pluggably.v1.GenerateRequest\x1a\x1e.pluggably.v1.GenerateResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/generate:\x01*BX\n\x10\x64\x65v.pluggably.v1P\x01ZBgithub.com/pluggably/pluggably/clients/go/pluggably/v1;pluggablyv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#pluggably/v1/generate_service.proto\x12\x0cpluggably.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/rpc/error_details.proto\x1a\x1bpluggably/v1/artifact.proto\x1a\x1dpluggably/v1/generation.proto\"\xaa\x02\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12)\n\tartifacts\x18\x05 \x03(\x0b\x32\x16.pluggably.v1.Artifact\x12\x31\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1a.pluggably.v1.FinishReason\x12\"\n\x05usage\x18\x07 \x01(\x0b\x32\x13.pluggably.v1.Usage\x12\x15\n\rstop_sequence\x18\x08 \x01(\t\x12*\n\ntool_calls\x18\t \x03(\x0b\x32\x16.pluggably.v1.ToolCall\x12\x15\n\rmodel_version\x18\n \x01(\t2u\n\x0fGenerateService\x12\x62\n\x08Generate\x12\x1d.pluggably.v1.GenerateRequest\x1a\x1e.pluggably.v1.GenerateResponse\"\x17\x82\xd3\xe4\x93\x02\x11\"\x0c/v1/generate:\x01*Bn\n\x10\x64\x65v.pluggably.v1B\x14GenerateServiceProtoP\x01ZBgithub.com/pluggably/pluggably/clients/go/pluggably/v1;pluggablyv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pluggably.v1.generate_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
-  _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.pluggably.v1P\001ZBgithub.com/pluggably/pluggably/clients/go/pluggably/v1;pluggablyv1'
+  _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.pluggably.v1B\024GenerateServiceProtoP\001ZBgithub.com/pluggably/pluggably/clients/go/pluggably/v1;pluggablyv1'
   _globals['_GENERATESERVICE'].methods_by_name['Generate']._loaded_options = None
   _globals['_GENERATESERVICE'].methods_by_name['Generate']._serialized_options = b'\202\323\344\223\002\021\"\014/v1/generate:\001*'
-  _globals['_GENERATERESPONSE']._serialized_start=144
-  _globals['_GENERATERESPONSE']._serialized_end=375
-  _globals['_GENERATESERVICE']._serialized_start=377
-  _globals['_GENERATESERVICE']._serialized_end=494
+  _globals['_GENERATERESPONSE']._serialized_start=176
+  _globals['_GENERATERESPONSE']._serialized_end=474
+  _globals['_GENERATESERVICE']._serialized_start=476
+  _globals['_GENERATESERVICE']._serialized_end=593
 # @@protoc_insertion_point(module_scope)

@@ -52,9 +52,17 @@ class GenerateServiceServicer:
     def Generate(self, request, context):
         """Runs one generation to the end.
 
-        Errors: NOT_FOUND for an unknown model; INVALID_ARGUMENT (with `BadRequest` field
-        violations) for bad parameters; RESOURCE_EXHAUSTED when the model's queue is full;
-        UNAVAILABLE when no backend can serve the model now; CANCELLED when the client gave up.
+        Errors are `google.rpc.Status` with an `ErrorInfo` (domain `pluggably.dev`, a `reason`, the
+        `request_id` in its metadata) and, where it applies, more details:
+        NOT_FOUND (`ResourceInfo`) for an unknown model; INVALID_ARGUMENT (`BadRequest` field
+        violations) for bad parameters or what the model cannot take, and for requests the provider
+        refused (reasons `CONTEXT_LENGTH_EXCEEDED`, `CONTENT_FILTERED`, `PROVIDER_REJECTED_REQUEST`);
+        RESOURCE_EXHAUSTED (`QuotaFailure`, `RetryInfo`) when the model's queue is full or the
+        provider rate-limits (`PROVIDER_RATE_LIMITED`); UNAVAILABLE (`RetryInfo` when known) when the
+        model cannot serve now (`PROVIDER_UNAVAILABLE`, `PROVIDER_TIMEOUT`, `PROVIDER_CIRCUIT_OPEN`,
+        `PROVIDER_BAD_RESPONSE`); FAILED_PRECONDITION when the gateway's provider setup is wrong
+        (`PROVIDER_NOT_CONFIGURED`, `PROVIDER_AUTH_FAILED`); DEADLINE_EXCEEDED when the client's
+        deadline passed; CANCELLED when the client gave up.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -2,6 +2,7 @@ import datetime
 
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.rpc import error_details_pb2 as _error_details_pb2
 from google.rpc import status_pb2 as _status_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -11,6 +12,13 @@ from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class CircuitState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CIRCUIT_STATE_UNSPECIFIED: _ClassVar[CircuitState]
+    CIRCUIT_STATE_CLOSED: _ClassVar[CircuitState]
+    CIRCUIT_STATE_OPEN: _ClassVar[CircuitState]
+    CIRCUIT_STATE_HALF_OPEN: _ClassVar[CircuitState]
 
 class Modality(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -26,6 +34,7 @@ class ModelState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_STATE_DOWNLOADING: _ClassVar[ModelState]
     MODEL_STATE_NOT_DOWNLOADED: _ClassVar[ModelState]
     MODEL_STATE_ERROR: _ClassVar[ModelState]
+    MODEL_STATE_UNAVAILABLE: _ClassVar[ModelState]
 
 class ParameterType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -44,6 +53,10 @@ class DownloadState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DOWNLOAD_STATE_SUCCEEDED: _ClassVar[DownloadState]
     DOWNLOAD_STATE_FAILED: _ClassVar[DownloadState]
     DOWNLOAD_STATE_CANCELLED: _ClassVar[DownloadState]
+CIRCUIT_STATE_UNSPECIFIED: CircuitState
+CIRCUIT_STATE_CLOSED: CircuitState
+CIRCUIT_STATE_OPEN: CircuitState
+CIRCUIT_STATE_HALF_OPEN: CircuitState
 MODALITY_UNSPECIFIED: Modality
 MODALITY_TEXT: Modality
 MODALITY_IMAGE: Modality
@@ -53,6 +66,7 @@ MODEL_STATE_AVAILABLE: ModelState
 MODEL_STATE_DOWNLOADING: ModelState
 MODEL_STATE_NOT_DOWNLOADED: ModelState
 MODEL_STATE_ERROR: ModelState
+MODEL_STATE_UNAVAILABLE: ModelState
 PARAMETER_TYPE_UNSPECIFIED: ParameterType
 PARAMETER_TYPE_INTEGER: ParameterType
 PARAMETER_TYPE_NUMBER: ParameterType
@@ -67,7 +81,7 @@ DOWNLOAD_STATE_FAILED: DownloadState
 DOWNLOAD_STATE_CANCELLED: DownloadState
 
 class Model(_message.Message):
-    __slots__ = ("id", "provider", "name", "description", "modality", "state", "aliases", "context_length", "size_bytes", "loaded")
+    __slots__ = ("id", "provider", "name", "description", "modality", "state", "aliases", "context_length", "size_bytes", "loaded", "capabilities", "state_reason", "circuit_state")
     ID_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +92,9 @@ class Model(_message.Message):
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     LOADED_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    STATE_REASON_FIELD_NUMBER: _ClassVar[int]
+    CIRCUIT_STATE_FIELD_NUMBER: _ClassVar[int]
     id: str
     provider: str
     name: str
@@ -88,7 +105,26 @@ class Model(_message.Message):
     context_length: int
     size_bytes: int
     loaded: bool
-    def __init__(self, id: _Optional[str] = ..., provider: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., modality: _Optional[_Union[Modality, str]] = ..., state: _Optional[_Union[ModelState, str]] = ..., aliases: _Optional[_Iterable[str]] = ..., context_length: _Optional[int] = ..., size_bytes: _Optional[int] = ..., loaded: _Optional[bool] = ...) -> None: ...
+    capabilities: ModelCapabilities
+    state_reason: str
+    circuit_state: CircuitState
+    def __init__(self, id: _Optional[str] = ..., provider: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., modality: _Optional[_Union[Modality, str]] = ..., state: _Optional[_Union[ModelState, str]] = ..., aliases: _Optional[_Iterable[str]] = ..., context_length: _Optional[int] = ..., size_bytes: _Optional[int] = ..., loaded: _Optional[bool] = ..., capabilities: _Optional[_Union[ModelCapabilities, _Mapping]] = ..., state_reason: _Optional[str] = ..., circuit_state: _Optional[_Union[CircuitState, str]] = ...) -> None: ...
+
+class ModelCapabilities(_message.Message):
+    __slots__ = ("streaming", "tools", "image_input", "json_object", "json_schema", "max_output_tokens")
+    STREAMING_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_INPUT_FIELD_NUMBER: _ClassVar[int]
+    JSON_OBJECT_FIELD_NUMBER: _ClassVar[int]
+    JSON_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    MAX_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    streaming: bool
+    tools: bool
+    image_input: bool
+    json_object: bool
+    json_schema: bool
+    max_output_tokens: int
+    def __init__(self, streaming: _Optional[bool] = ..., tools: _Optional[bool] = ..., image_input: _Optional[bool] = ..., json_object: _Optional[bool] = ..., json_schema: _Optional[bool] = ..., max_output_tokens: _Optional[int] = ...) -> None: ...
 
 class ParameterSpec(_message.Message):
     __slots__ = ("name", "type", "description", "supported", "default_value", "minimum", "exclusive_minimum", "maximum")

@@ -23,23 +23,24 @@ _sym_db = _symbol_database.Default()
 
 
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
+from google.rpc import error_details_pb2 as google_dot_rpc_dot_error__details__pb2
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from pluggably.v1 import artifact_pb2 as pluggably_dot_v1_dot_artifact__pb2
 from pluggably.v1 import generation_pb2 as pluggably_dot_v1_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!pluggably/v1/stream_service.proto\x12\x0cpluggably.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x17google/rpc/status.proto\x1a\x1bpluggably/v1/artifact.proto\x1a\x1dpluggably/v1/generation.proto\"\x92\x02\n\x16StreamGenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12-\n\ntext_delta\x18\x03 \x01(\x0b\x32\x17.pluggably.v1.TextDeltaH\x00\x12*\n\x08progress\x18\x04 \x01(\x0b\x32\x16.pluggably.v1.ProgressH\x00\x12*\n\x08\x61rtifact\x18\x05 \x01(\x0b\x32\x16.pluggably.v1.ArtifactH\x00\x12(\n\x04\x64one\x18\x06 \x01(\x0b\x32\x18.pluggably.v1.StreamDoneH\x00\x12#\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\x07\n\x05\x65vent2\x88\x01\n\rStreamService\x12w\n\x0eStreamGenerate\x12\x1d.pluggably.v1.GenerateRequest\x1a$.pluggably.v1.StreamGenerateResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/v1/generate:stream:\x01*0\x01\x42X\n\x10\x64\x65v.pluggably.v1P\x01ZBgithub.com/pluggably/pluggably/clients/go/pluggably/v1;pluggablyv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!pluggably/v1/stream_service.proto\x12\x0cpluggably.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/rpc/error_details.proto\x1a\x17google/rpc/status.proto\x1a\x1bpluggably/v1/artifact.proto\x1a\x1dpluggably/v1/generation.proto\"\xca\x02\n\x16StreamGenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12-\n\ntext_delta\x18\x03 \x01(\x0b\x32\x17.pluggably.v1.TextDeltaH\x00\x12*\n\x08progress\x18\x04 \x01(\x0b\x32\x16.pluggably.v1.ProgressH\x00\x12*\n\x08\x61rtifact\x18\x05 \x01(\x0b\x32\x16.pluggably.v1.ArtifactH\x00\x12(\n\x04\x64one\x18\x06 \x01(\x0b\x32\x18.pluggably.v1.StreamDoneH\x00\x12\x36\n\x0ftool_call_delta\x18\x08 \x01(\x0b\x32\x1b.pluggably.v1.ToolCallDeltaH\x00\x12#\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\x07\n\x05\x65vent2\x88\x01\n\rStreamService\x12w\n\x0eStreamGenerate\x12\x1d.pluggably.v1.GenerateRequest\x1a$.pluggably.v1.StreamGenerateResponse\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/v1/generate:stream:\x01*0\x01\x42l\n\x10\x64\x65v.pluggably.v1B\x12StreamServiceProtoP\x01ZBgithub.com/pluggably/pluggably/clients/go/pluggably/v1;pluggablyv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pluggably.v1.stream_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
-  _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.pluggably.v1P\001ZBgithub.com/pluggably/pluggably/clients/go/pluggably/v1;pluggablyv1'
+  _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.pluggably.v1B\022StreamServiceProtoP\001ZBgithub.com/pluggably/pluggably/clients/go/pluggably/v1;pluggablyv1'
   _globals['_STREAMSERVICE'].methods_by_name['StreamGenerate']._loaded_options = None
   _globals['_STREAMSERVICE'].methods_by_name['StreamGenerate']._serialized_options = b'\202\323\344\223\002\030\"\023/v1/generate:stream:\001*'
-  _globals['_STREAMGENERATERESPONSE']._serialized_start=167
-  _globals['_STREAMGENERATERESPONSE']._serialized_end=441
-  _globals['_STREAMSERVICE']._serialized_start=444
-  _globals['_STREAMSERVICE']._serialized_end=580
+  _globals['_STREAMGENERATERESPONSE']._serialized_start=199
+  _globals['_STREAMGENERATERESPONSE']._serialized_end=529
+  _globals['_STREAMSERVICE']._serialized_start=532
+  _globals['_STREAMSERVICE']._serialized_end=668
 # @@protoc_insertion_point(module_scope)

@@ -48,9 +48,10 @@ class StreamServiceServicer:
     """
 
     def StreamGenerate(self, request, context):
-        """Streams one generation: text deltas as tokens are produced, progress steps for step-wise
-        generations, artifacts as files are ready, and finally one `done` chunk with the finish
-        reason and usage. Takes the same request as `GenerateService.Generate`.
+        """Streams one generation: text deltas as tokens are produced, tool-call deltas, progress steps
+        for step-wise generations, artifacts as files are ready, and finally one `done` chunk with
+        the finish reason and usage. Takes the same request as `GenerateService.Generate`, and
+        fails with the same statuses (see there).
 
         Over REST the stream is Server-Sent Events (`text/event-stream`), one chunk per `data:`
         event; the last event is either `done` or `error`. Errors found before the first chunk end
