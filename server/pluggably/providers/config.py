@@ -1,0 +1,178 @@
+"""Config sections of the hosted provider kinds (`providers.<name>:`).
+
+Every hosted kind shares `HostedProviderConfig`: where the API is, its key, its models and what
+they take, timeouts, retries and the circuit breaker. Each kind adds its own fields.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from pluggably.core.configmodel import StrictModel
+from pluggably.core.types import Capabilities
+
+
+class Timeouts(StrictModel):
+    # TCP (and TLS) connection set-up.
+    connect_s: float = Field(10.0, gt=0)
+    # Streams: from sending the request to the first byte of the response body. Unary calls wait
+    # for the whole response instead, bounded by `total_s`.
+    first_byte_s: float = Field(120.0, gt=0)
+    # Streams: the longest gap between two reads of the body (keep-alive comments count).
+    idle_s: float = Field(60.0, gt=0)
+    # One whole attempt. Every timeout is also bounded by the client's gRPC deadline.
+    total_s: float = Field(600.0, gt=0)
+
+
+class RetryPolicy(StrictModel):
+    # Attempts in all (1: no retries). Retries happen only on connection errors, timeouts,
+    # 408, 429 and 5xx, and only while nothing has been sent to the client.
+    max_attempts: int = Field(3, ge=1, le=10)
+    initial_backoff_s: float = Field(0.5, ge=0)
+    max_backoff_s: float = Field(8.0, ge=0)
+    # A provider asking to wait longer than this (Retry-After) fails the attempt at once with
+    # RESOURCE_EXHAUSTED and RetryInfo, instead of holding the client.
+    max_retry_after_s: float = Field(20.0, ge=0)
+
+
+class BreakerPolicy(StrictModel):
+    # Consecutive failures (server errors, timeouts, unusable responses) that open a model's
+    # circuit; 0 turns the breaker off.
+    failure_threshold: int = Field(5, ge=0)
+    # How long an open circuit refuses requests before one probe may go through.
+    open_s: float = Field(30.0, gt=0)
+
+
+class CapabilityOverrides(StrictModel):
+    """Unset fields keep what the gateway knows of the model (or the provider's defaults)."""
+
+    streaming: bool | None = None
+    tools: bool | None = None
+    vision: bool | None = None
+    json_object: bool | None = None
+    json_schema: bool | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+
+    def apply(self, base: Capabilities) -> Capabilities:
+        values = {k: v for k, v in self.model_dump().items() if v is not None}
+        return Capabilities(**{**base.__dict__, **values})
+
+
+class HostedModelConfig(StrictModel):
+    # The model's name at the provider; the gateway id is `<provider>/<name>`.
+    name: str = Field(min_length=1)
+    description: str = ""
+    context_length: int | None = Field(None, ge=1)
+    # `max_tokens` used when a request sets none (Anthropic requires one on every request).
+    default_max_tokens: int | None = Field(None, ge=1)
+    capabilities: CapabilityOverrides = Field(default_factory=CapabilityOverrides)
+
+
+class HostedProviderConfig(StrictModel):
+    kind: str
+    # The API's base URL; each kind and preset has a default.
+    base_url: str | None = None
+    # The key itself (prefer `api_key_env`: a key in a config file ends up in backups and diffs).
+    api_key: SecretStr | None = None
+    # The environment variable holding the key; each kind and preset has a default.
+    api_key_env: str | None = None
+    # Extra request headers, e.g. OpenRouter's `HTTP-Referer`/`X-Title`. Never logged.
+    headers: dict[str, str] = Field(default_factory=dict)
+    # Models served under this provider, with what the gateway should know about them.
+    models: list[HostedModelConfig] = Field(default_factory=list)
+    # List the provider's models through its API (in the background, never on a request) and
+    # serve those too.
+    list_models: bool = True
+    list_refresh_s: float = Field(600.0, ge=10)
+    # Serve model names that are neither configured nor listed (new models work at once), with
+    # `default_capabilities`.
+    allow_unlisted_models: bool = True
+    # What models the gateway knows nothing about can take.
+    default_capabilities: CapabilityOverrides = Field(default_factory=CapabilityOverrides)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    retries: RetryPolicy = Field(default_factory=RetryPolicy)
+    breaker: BreakerPolicy = Field(default_factory=BreakerPolicy)
+    # Pooled keep-alive connections to the provider.
+    max_connections: int = Field(256, ge=1)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/") if value else value
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> HostedProviderConfig:
+        names = [m.name for m in self.models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"models: duplicate names {', '.join(duplicates)}")
+        return self
+
+    def resolve_key(self, default_env: str | None, environ: dict[str, str] | None = None) -> tuple[str | None, str]:
+        """(key or None, where it was looked for), from `api_key`, else `api_key_env`, else the
+        kind's default variable."""
+        if self.api_key is not None and self.api_key.get_secret_value():
+            return self.api_key.get_secret_value(), "api_key"
+        variable = self.api_key_env or default_env
+        if not variable:
+            return None, "no key configured"
+        value = (environ if environ is not None else os.environ).get(variable, "")
+        return (value or None), f"environment variable {variable}"
+
+
+class OpenAIConfig(HostedProviderConfig):
+    kind: Literal["openai"] = "openai"
+    # A preset of OpenAI-compatible endpoints (openai, openrouter, groq, ollama, ...: see
+    # pluggably.providers.presets); it supplies the defaults of the fields below and above.
+    # None: `openai`, or `generic` when `base_url` is set.
+    preset: str | None = None
+    # Whether the API needs a key (self-hosted servers usually do not). None: the preset's.
+    requires_key: bool | None = None
+    # The name of the output limit in requests. None: the preset's.
+    max_tokens_field: Literal["max_tokens", "max_completion_tokens"] | None = None
+    # Ask for usage on streams with `stream_options.include_usage`. None: the preset's.
+    stream_usage: bool | None = None
+    # Sampling parameters the endpoint honours (short names: temperature, top_p, top_k, seed,
+    # stop, presence_penalty, frequency_penalty, repetition_penalty). None: the preset's.
+    supported_parameters: list[str] | None = None
+
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str | None) -> str | None:
+        from pluggably.providers.presets import PRESETS
+
+        if value is not None and value not in PRESETS:
+            raise ValueError(f"unknown preset {value!r}; known: {', '.join(sorted(PRESETS))}")
+        return value
+
+    @field_validator("supported_parameters")
+    @classmethod
+    def _known_parameters(cls, value: list[str] | None) -> list[str] | None:
+        known = {"temperature", "top_p", "top_k", "seed", "stop", "presence_penalty",
+                 "frequency_penalty", "repetition_penalty"}
+        unknown = sorted(set(value or ()) - known)
+        if unknown:
+            raise ValueError(f"unknown parameters {unknown}; known: {', '.join(sorted(known))}")
+        return value
+
+    def preset_name(self) -> str:
+        return self.preset or ("generic" if self.base_url else "openai")
+
+
+class AnthropicConfig(HostedProviderConfig):
+    kind: Literal["anthropic"] = "anthropic"
+    # The `anthropic-version` header: the documented API version.
+    version: str = "2023-06-01"
+    # `max_tokens` when a request sets none (the API requires it), unless the model says.
+    default_max_tokens: int = Field(4096, ge=1)
+
+
+class GeminiConfig(HostedProviderConfig):
+    kind: Literal["gemini"] = "gemini"
+    api_version: str = "v1beta"
