@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
 
 # Registers the backend kinds (cheap: config models and presets only).
 import pluggably.providers
@@ -60,13 +60,30 @@ class RoutingConfig(StrictModel):
     first_chunk_timeout_s: float | None = Field(20.0, gt=0)
 
 
+def _check_provider_name(name: str) -> str:
+    if not _PROVIDER_NAME.match(name):
+        raise ValueError(f"provider name {name!r}: use lower-case letters, digits, '-' and '_'")
+    if name == pluggably.runners.LOCAL_PROVIDER:
+        raise ValueError("'local' is the provider of the `local:` section; choose another name")
+    return name
+
+
+# Checked as the key, so an error is reported at `providers.<name>`, not at `providers`.
+ProviderName = Annotated[str, AfterValidator(_check_provider_name)]
+
+
+def _provider_kinds() -> dict[str, plugins.BackendKind]:
+    """The kinds a `providers:` entry may name (the local kind has its own section)."""
+    return {name: kind for name, kind in plugins.kinds().items()
+            if "kind" in getattr(kind.config_model, "model_fields", {})}
+
+
 def _provider_sections() -> Any:
-    models = tuple(kind.config_model for kind in plugins.kinds().values()
-                   if "kind" in getattr(kind.config_model, "model_fields", {}))
+    models = tuple(kind.config_model for kind in _provider_kinds().values())
     if not models:
-        return dict[str, Any]
+        return dict[ProviderName, Any]
     union = models[0] if len(models) == 1 else Union[models]  # noqa: UP007 - a runtime tuple
-    return dict[str, Annotated[union, Field(discriminator="kind")]]
+    return dict[ProviderName, Annotated[union, Field(discriminator="kind")]]
 
 
 class Config(StrictModel):
@@ -82,29 +99,22 @@ class Config(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _infer_provider_kinds(cls, data: Any) -> Any:
-        """`providers: {openai: {}}` and `{groq: {}}` need no `kind:`: the name implies it."""
+        """`providers: {openai: {}}` and `{groq: {}}` need no `kind:`: the name implies it, and
+        the preset of that name. A section that names the implied kind itself (`groq: {kind:
+        openai}`) still gets the preset: otherwise Groq would be sent to OpenAI with OpenAI's key."""
         if not isinstance(data, dict) or not isinstance(data.get("providers"), dict):
             return data
         providers = {}
         for name, section in data["providers"].items():
             section = {} if section is None else section
-            if isinstance(section, dict) and "kind" not in section:
-                implied = plugins.kind_for_provider_name(str(name))
-                if implied is not None:
-                    kind, preset = implied
-                    section = {"kind": kind.name, **({"preset": preset} if preset else {}), **section}
+            implied = plugins.kind_for_provider_name(str(name))
+            if isinstance(section, dict) and implied is not None and implied[0].name in _provider_kinds():
+                kind, preset = implied
+                if section.get("kind", kind.name) == kind.name:
+                    defaults = kind.presets.get(preset, {}) if preset else {}
+                    section = {"kind": kind.name, **defaults, **section}
             providers[name] = section
         return {**data, "providers": providers}
-
-    @field_validator("providers")
-    @classmethod
-    def _provider_names(cls, providers: dict[str, Any]) -> dict[str, Any]:
-        for name in providers:
-            if not _PROVIDER_NAME.match(name):
-                raise ValueError(f"provider name {name!r}: use lower-case letters, digits, '-' and '_'")
-            if name == pluggably.runners.LOCAL_PROVIDER:
-                raise ValueError("'local' is the provider of the `local:` section; choose another name")
-        return providers
 
     @field_validator("aliases")
     @classmethod
@@ -136,17 +146,46 @@ def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str
         return Config.model_validate(data)
     except ValidationError as exc:
         lines = []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in _field_path(err["loc"]))
+        errors = exc.errors()
+        # A provider whose name is refused needs no further word on its section's kind.
+        bad_names = {e["loc"][:2] for e in errors
+                     if e["loc"][:1] == ("providers",) and e["loc"][2:] == ("[key]",)}
+        for err in errors:
+            if err["type"].startswith("union_tag_") and err["loc"][:2] in bad_names:
+                continue
+            loc, message = _describe(err)
             origin = _origin(loc, sources) or (f"file {path}" if path else "defaults")
-            lines.append(f"  {loc or '<root>'}: {err['msg']} (from {origin})")
+            lines.append(f"  {loc or '<root>'}: {message} (from {origin})")
         raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
 
 
+def _describe(err: Any) -> tuple[str, str]:
+    """(field path, message) of one validation error. Pydantic's words for a provider section
+    whose kind is unknown or missing ("Unable to extract tag using discriminator") say nothing
+    to someone writing a config file: say which kinds and presets exist instead."""
+    loc = _field_path(err["loc"])
+    message = err["msg"]
+    if len(loc) == 2 and loc[0] == "providers" and err["type"].startswith("union_tag_"):
+        kinds = ", ".join(sorted(_provider_kinds()))
+        presets = ", ".join(sorted(p for k in _provider_kinds().values() for p in k.presets))
+        loc = (*loc, "kind")
+        if err["type"] == "union_tag_invalid":
+            tag = (err.get("ctx") or {}).get("tag")
+            message = f"unknown kind {tag!r}; known kinds: {kinds}"
+        else:
+            message = (f"{loc[1]!r} is neither a kind ({kinds}) nor a preset ({presets}), so "
+                       f"the section must say its `kind:` (an OpenAI-compatible endpoint: "
+                       f"`kind: openai` with its `base_url`)")
+    return ".".join(str(p) for p in loc), message
+
+
 def _field_path(loc: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Drops the union tag pydantic puts after a provider's name (`providers.x.openai.f`)."""
+    """Drops the union tag pydantic puts after a provider's name (`providers.x.openai.f`) and
+    the marker of an invalid mapping key (`providers.x.[key]`)."""
     if len(loc) >= 3 and loc[0] == "providers" and loc[2] in plugins.kinds():
         return (*loc[:2], *loc[3:])
+    if len(loc) == 3 and loc[0] == "providers" and loc[2] == "[key]":
+        return loc[:2]
     return loc
 
 

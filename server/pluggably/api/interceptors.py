@@ -83,9 +83,14 @@ def _rewrap(
 class GatewayInterceptor(grpc.aio.ServerInterceptor):
     """Request id, access log and error mapping for every `pluggably.*` RPC.
 
-    Domain errors become `google.rpc.Status` with details (`pluggably.api.errors`); anything else
+    Domain errors become `google.rpc.Status` with details (`pluggably.api.status`); anything else
     becomes INTERNAL with a fixed message and the request id, and is logged with its traceback.
     """
+
+    def __init__(self) -> None:
+        # Wrapped handlers by method: the registered handler of a method never changes, so it is
+        # wrapped once, not on every call.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -93,10 +98,15 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(details)
-        if handler is None or not details.method.startswith("/pluggably."):
-            return handler
         method = details.method
-        return _rewrap(handler, lambda b: self._unary(method, b), lambda b: self._stream(method, b))
+        if handler is None or not method.startswith("/pluggably."):
+            return handler
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = _rewrap(handler, lambda b: self._unary(method, b), lambda b: self._stream(method, b))
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
     def _unary(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:

@@ -68,6 +68,7 @@ TEXT_PARAMETERS: tuple[ParameterSpec, ...] = (
 )
 
 _BY_MODALITY: dict[Modality, tuple[ParameterSpec, ...]] = {Modality.TEXT: TEXT_PARAMETERS}
+_TEXT_SHORT_NAMES = tuple((spec, spec.name.split(".", 1)[1]) for spec in TEXT_PARAMETERS)
 
 
 def parameters_for(
@@ -101,9 +102,10 @@ def parameters_for(
 def validate_text_params(params: TextParams, prefix: str = "text") -> list[FieldViolation]:
     """Range checks that hold for every backend."""
     violations: list[FieldViolation] = []
-    for spec in TEXT_PARAMETERS:
-        short = spec.name.split(".", 1)[1]
+    for spec, short in _TEXT_SHORT_NAMES:
         value = getattr(params, short)
+        if value is None or value == ():
+            continue
         field = f"{prefix}.{short}"
         if spec.type is ParamType.STRING_LIST:
             if len(value) > MAX_STOP_SEQUENCES:

@@ -58,8 +58,11 @@ def kinds() -> Mapping[str, BackendKind]:
 def kind_for_provider_name(name: str) -> tuple[BackendKind, str | None] | None:
     """The kind a provider name implies when its section names no kind: the kind of that name,
     or the kind owning a preset of that name (returned with the preset)."""
-    if name in _KINDS:
-        return _KINDS[name], None
+    kind = _KINDS.get(name)
+    if kind is not None:
+        # A kind may also be a preset of itself (`openai`): the name then implies that preset too,
+        # so that `providers: {openai: {base_url: ...}}` is still OpenAI, not a generic endpoint.
+        return kind, (name if name in kind.presets else None)
     for kind in _KINDS.values():
         if name in kind.presets:
             return kind, name

@@ -83,7 +83,8 @@ _IMAGE_DETAIL = {
 
 
 def generation_request_from_pb(
-    pb: generation_pb2.GenerateRequest, request_id: str
+    pb: generation_pb2.GenerateRequest, request_id: str, *, stream: bool = False,
+    deadline: float | None = None,
 ) -> tuple[GenerationRequest, Modality | None]:
     """Validates and converts; returns the request and the modality its options ask for."""
     violations: list[FieldViolation] = []
@@ -134,7 +135,10 @@ def generation_request_from_pb(
             text=text,
             tools=tuple(tools),
             tool_choice=tool_choice,
-            provider_options={k: json_format.MessageToDict(v) for k, v in pb.provider_options.items()},
+            provider_options={k: json_format.MessageToDict(v) for k, v in pb.provider_options.items()}
+            if pb.provider_options else {},
+            stream=stream,
+            deadline=deadline,
         ),
         modality,
     )

@@ -16,6 +16,7 @@ from pluggably.core.errors import (
     FieldViolation,
     InvalidArgument,
     ModelNotFound,
+    PluggablyError,
     Unavailable,
 )
 from pluggably.core.params import ParameterSpec
@@ -135,8 +136,11 @@ class Router:
                         log.warning("model %s produced nothing in %.1fs; trying %s",
                                     route.model_id, timeout, routes[i + 1].model_id)
                     else:
+                        # A domain error is the model's answer; anything else is a bug in the
+                        # backend, which the fallback must not hide: keep its traceback.
                         log.warning("model %s failed before output (%s); trying %s", route.model_id,
-                                    getattr(exc, "reason", type(exc).__name__), routes[i + 1].model_id)
+                                    getattr(exc, "reason", type(exc).__name__), routes[i + 1].model_id,
+                                    exc_info=not isinstance(exc, PluggablyError))
                     continue
                 yield route.model_id, first
                 async for chunk in stream:

@@ -5,12 +5,10 @@ request id."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
 from pluggably.core.context import current_request_id
-from pluggably.core.types import GenerationRequest
 from pluggably.generation.convert import (
     ResponseAccumulator,
     generation_request_from_pb,
@@ -26,10 +24,10 @@ from pluggably.v1 import (
 )
 
 
-def _with_deadline(request: GenerationRequest, context: Any, *, stream: bool) -> GenerationRequest:
+def _deadline(context: Any) -> float | None:
+    """The caller's deadline on the event loop's clock, or None."""
     remaining = context.time_remaining() if context is not None else None
-    deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
-    return dataclasses.replace(request, stream=stream, deadline=deadline)
+    return None if remaining is None else asyncio.get_running_loop().time() + remaining
 
 
 class GenerateServicer(generate_service_pb2_grpc.GenerateServiceServicer):
@@ -38,8 +36,8 @@ class GenerateServicer(generate_service_pb2_grpc.GenerateServiceServicer):
 
     async def Generate(self, request: generation_pb2.GenerateRequest, context: Any) -> generate_service_pb2.GenerateResponse:
         request_id = current_request_id()
-        domain, modality = generation_request_from_pb(request, request_id)
-        domain = _with_deadline(domain, context, stream=False)
+        domain, modality = generation_request_from_pb(request, request_id, stream=False,
+                                                      deadline=_deadline(context))
         result = ResponseAccumulator(request_id)
         async for model, chunk in self._dataplane.generate(domain, request.model, request.fallback_models, modality):
             result.add(model, chunk)
@@ -54,7 +52,7 @@ class StreamServicer(stream_service_pb2_grpc.StreamServiceServicer):
         self, request: generation_pb2.GenerateRequest, context: Any
     ) -> AsyncIterator[stream_service_pb2.StreamGenerateResponse]:
         request_id = current_request_id()
-        domain, modality = generation_request_from_pb(request, request_id)
-        domain = _with_deadline(domain, context, stream=True)
+        domain, modality = generation_request_from_pb(request, request_id, stream=True,
+                                                      deadline=_deadline(context))
         async for model, chunk in self._dataplane.generate(domain, request.model, request.fallback_models, modality):
             yield stream_chunk_to_pb(request_id, model, chunk)

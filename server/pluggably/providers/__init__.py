@@ -26,7 +26,8 @@ plugins.register(plugins.BackendKind(
     config_model=OpenAIConfig,
     factory=_factory("openai"),
     description="OpenAI Chat Completions and every OpenAI-compatible endpoint",
-    presets={name: {"preset": name} for name in PRESETS if name not in ("openai", "generic")},
+    # `generic` is what a provider of this kind with its own base_url gets, never a name.
+    presets={name: {"preset": name} for name in PRESETS if name != "generic"},
 ))
 plugins.register(plugins.BackendKind(
     name="anthropic",

@@ -92,6 +92,7 @@ class HostedBackend(Backend, abc.ABC):
         self._configured = {m.name: self._configured_info(m) for m in config.models}
         self._listed: dict[str, ModelInfo] = {}
         self._breakers: dict[str, CircuitBreaker] = {}
+        self._parameters: dict[tuple[str, int], list[ParameterSpec]] = {}
         self._refresh: asyncio.Task[None] | None = None
         self.listing_error = ""  # the last listing failure, scrubbed ("" after a success)
 
@@ -182,11 +183,20 @@ class HostedBackend(Backend, abc.ABC):
         return self._with_state(info)
 
     def parameters(self, model: ModelInfo) -> list[ParameterSpec]:
-        defaults = {}
-        default_max = self.default_max_tokens(model)
-        if default_max:
-            defaults["max_tokens"] = default_max
-        return parameters_for(model.modality, self.supported_parameters(model), self.PARAMETER_RANGES, **defaults)
+        # Asked on every request by the dataplane; the answer depends only on the model.
+        key = (model.name, model.capabilities.max_output_tokens)
+        specs = self._parameters.get(key)
+        if specs is None:
+            defaults = {}
+            default_max = self.default_max_tokens(model)
+            if default_max:
+                defaults["max_tokens"] = default_max
+            specs = parameters_for(model.modality, self.supported_parameters(model),
+                                   self.PARAMETER_RANGES, **defaults)
+            if len(self._parameters) > 4096:  # unlisted names are unbounded
+                self._parameters.clear()
+            self._parameters[key] = specs
+        return specs
 
     def supported_parameters(self, model: ModelInfo) -> Iterable[str]:
         return ("max_tokens", *self.SUPPORTED_PARAMETERS)
@@ -281,7 +291,7 @@ class HostedBackend(Backend, abc.ABC):
         attempt = 0
         while True:
             attempt += 1
-            breaker.acquire()
+            probe = breaker.acquire()
             sent = False
             try:
                 async for chunk in self._exchange(path, payload, request, info, stream):
@@ -289,12 +299,16 @@ class HostedBackend(Backend, abc.ABC):
                     yield chunk
             except UpstreamFailure as failure:
                 if failure.breaker:
-                    breaker.failure()
+                    breaker.failure(probe)
                 else:
-                    breaker.release()
+                    breaker.release(probe)
                 hint = failure.retry_after_s
+                # A failure that opened the circuit ends the request with what went wrong: a
+                # retry would only sleep and then be refused as PROVIDER_CIRCUIT_OPEN, hiding
+                # the cause from a client whose request did reach the provider.
                 if (sent or not failure.retryable or attempt >= policy.max_attempts
-                        or (hint is not None and hint > policy.max_retry_after_s)):
+                        or (hint is not None and hint > policy.max_retry_after_s)
+                        or breaker.state is CircuitState.OPEN):
                     raise failure.error from None
                 delay = backoff_s(attempt, policy.initial_backoff_s, policy.max_backoff_s, hint)
                 if request.deadline is not None and loop.time() + delay >= request.deadline:
@@ -304,7 +318,7 @@ class HostedBackend(Backend, abc.ABC):
                 await asyncio.sleep(delay)
                 continue
             except BaseException:
-                breaker.release()
+                breaker.release(probe)
                 raise
             breaker.success()
             return

@@ -29,8 +29,9 @@ MAX_MESSAGE_CHARS = 400
 _SECRET_PATTERNS = re.compile(
     r"\b(?:sk|pk|rk|gsk|xai|nvapi|hf|fw|r8|ak|api|key)[-_][A-Za-z0-9_\-*.]{8,}"  # sk-..., gsk_..., hf_...
     r"|AIza[0-9A-Za-z_\-]{20,}"  # Google API keys
-    r"|(?i:bearer|basic)\s+[A-Za-z0-9._~+/=\-*]{6,}"
-    r"|(?i:(?:api[_-]?key|key|token|access_token|secret)=)[^&\s\"']+"
+    # A token has a digit, a symbol or an inner capital: "Basic authentication" is prose.
+    r"|(?i:bearer|basic)\s+(?=[A-Za-z0-9._~+/=\-*]*?(?:[0-9._~+/=\-*]|[A-Za-z0-9][A-Z]))[A-Za-z0-9._~+/=\-*]{6,}"
+    r"|(?<![A-Za-z0-9])(?i:(?:api[_-]?key|key|token|access_token|secret)=)[^&\s\"']+"
     r"|eyJ[A-Za-z0-9_\-]{10,}\.[A-Za-z0-9_\-]{10,}\.[A-Za-z0-9_\-]*",  # JWTs
 )
 

@@ -47,10 +47,13 @@ class CircuitBreaker:
             return CircuitState.HALF_OPEN
         return CircuitState.OPEN
 
-    def acquire(self) -> None:
-        """Call before an attempt; raises Unavailable while the circuit refuses requests."""
+    def acquire(self) -> bool:
+        """Call before an attempt; raises Unavailable while the circuit refuses requests.
+        Returns whether this attempt is the half-open probe: hand that to `failure`/`release`,
+        so that a request admitted before the circuit opened, ending while the probe is out,
+        does not free the probe's slot (which would let a second probe through)."""
         if self.threshold <= 0 or self._opened_at is None:
-            return
+            return False
         remaining = self.open_s - (self._clock() - self._opened_at)
         if remaining > 0 or self._probing:
             raise Unavailable(
@@ -61,19 +64,23 @@ class CircuitBreaker:
                 metadata={"model": self.subject},
             )
         self._probing = True
+        return True
 
     def success(self) -> None:
         self._failures = 0
         self._opened_at = None
         self._probing = False
 
-    def failure(self) -> None:
+    def failure(self, probe: bool | None = None) -> None:
+        """`probe`: what `acquire` returned for the attempt (None: unknown, taken as the probe)."""
         self._failures += 1
-        self._probing = False
+        if probe is not False:
+            self._probing = False
         if self.threshold > 0 and (self._failures >= self.threshold or self._opened_at is not None):
             self._opened_at = self._clock()
 
-    def release(self) -> None:
+    def release(self, probe: bool | None = None) -> None:
         """An attempt ended without a verdict on the model's health (the client went away, or
-        the provider refused the request itself): a waiting probe may go next."""
-        self._probing = False
+        the provider refused the request itself): if it was the probe, the next may go."""
+        if probe is not False:
+            self._probing = False

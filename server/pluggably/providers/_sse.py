@@ -4,11 +4,16 @@ Real provider streams use everything the format allows, and each trips a naive p
 CRLF or bare CR line ends (Gemini), one JSON payload spread over several `data:` lines, comment
 lines (`: keep-alive`), `event:` names (Anthropic), and reads that split anywhere, even between
 the CR and LF of one line end.
+
+One UTF-8 byte order mark at the very start of the stream is dropped, as the spec says (a
+decoder that keeps it would turn the first field name into "\ufeffdata" and lose the event).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,10 +28,11 @@ class SSEParser:
     line that ends it; an unterminated event at the end of the stream is dropped (as browsers
     do), which the adapters then see as a stream without its terminator."""
 
-    __slots__ = ("_buffer", "_data", "_event", "_has_data", "_id", "comments")
+    __slots__ = ("_buffer", "_data", "_event", "_has_data", "_id", "_started", "comments")
 
     def __init__(self) -> None:
         self._buffer = b""
+        self._started = False  # past the position of a leading byte order mark
         self._data: list[bytes] = []
         self._event = ""
         self._id: str | None = None
@@ -35,6 +41,12 @@ class SSEParser:
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         buffer = self._buffer + chunk if self._buffer else chunk
+        if not self._started:
+            if len(buffer) < len(_BOM) and _BOM.startswith(buffer):
+                self._buffer = buffer  # maybe the start of a BOM split over reads
+                return []
+            self._started = True
+            buffer = buffer.removeprefix(_BOM)
         events: list[SSEEvent] = []
         start = 0
         end = len(buffer)
@@ -56,6 +68,15 @@ class SSEParser:
                 events.append(event)
         self._buffer = buffer[start:]
         return events
+
+    def close(self) -> list[SSEEvent]:
+        """Call at the end of the body. A CR held back as the possible first half of a CRLF
+        was a line end after all (bare-CR framing), and may complete the last event; anything
+        after the last line end is discarded."""
+        buffer, self._buffer = self._buffer, b""
+        if buffer.endswith(b"\r"):
+            return self.feed(buffer + b"\n")
+        return []
 
     def _line(self, line: bytes) -> SSEEvent | None:
         if not line:

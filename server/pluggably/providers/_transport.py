@@ -61,13 +61,15 @@ class Upstream:
     """One response being read, with its time limits (event-loop clock)."""
 
     def __init__(self, transport: HttpTransport, response: aiohttp.ClientResponse, model_id: str,
-                 first_byte_at: float, limit_at: float, deadline: float | None) -> None:
+                 first_byte_at: float, limit_at: float, deadline: float | None,
+                 total_s: float) -> None:
         self._transport = transport
         self.response = response
         self._model_id = model_id
         self._first_byte_at = first_byte_at
         self._limit_at = limit_at
         self._deadline = deadline
+        self._total_s = total_s  # the attempt's limit (metadata GETs have their own)
 
     @property
     def headers(self) -> CIMultiDictProxy[str]:
@@ -82,8 +84,7 @@ class Upstream:
                 return await self.response.read()
         except TimeoutError:
             raise self._transport.timed_out(self._model_id, "reading the response",
-                                            self._transport.timeouts.total_s, self._limit_at,
-                                            self._deadline) from None
+                                            self._total_s, self._limit_at, self._deadline) from None
         except aiohttp.ClientError as exc:
             raise connection_failure(self._transport.provider, self._model_id,
                                      f"the connection failed while reading the response ({type(exc).__name__})") from None
@@ -103,12 +104,18 @@ class Upstream:
                 async with asyncio.timeout_at(read_at):
                     data = await content.readany()
             except TimeoutError:
+                if read_at >= self._limit_at:
+                    # The attempt's overall limit ended the wait, not the first-byte or idle
+                    # timeout: say so (timed_out names the client's deadline when that bound).
+                    what, seconds = "streaming the response", self._total_s
                 raise self._transport.timed_out(self._model_id, what, seconds, read_at,
                                                 self._deadline) from None
             except aiohttp.ClientError as exc:
                 raise connection_failure(self._transport.provider, self._model_id,
                                          f"the stream broke off ({type(exc).__name__})") from None
             if not data:
+                for event in parser.close():  # a bare CR that ended the body ends a line too
+                    yield event
                 return
             for event in parser.feed(data):
                 yield event
@@ -196,7 +203,8 @@ class HttpTransport:
 
         loop = asyncio.get_running_loop()
         now = loop.time()
-        limit_at = now + (total_s if total_s is not None else self.timeouts.total_s)
+        total_s = total_s if total_s is not None else self.timeouts.total_s
+        limit_at = now + total_s
         if deadline is not None:
             limit_at = min(limit_at, deadline)
         first_byte_at = min(now + self.timeouts.first_byte_s, limit_at) if stream else limit_at
@@ -209,20 +217,16 @@ class HttpTransport:
         except aiohttp.ClientError as exc:
             raise connection_failure(self.provider, model_id, _describe(exc)) from None
         except TimeoutError:
-            seconds = self.timeouts.first_byte_s if stream else (total_s or self.timeouts.total_s)
+            seconds = self.timeouts.first_byte_s if stream and first_byte_at < limit_at else total_s
             raise self.timed_out(model_id, "waiting for the response", seconds, first_byte_at,
                                  deadline) from None
         try:
             if response.status >= 400:
-                try:
-                    async with asyncio.timeout_at(min(limit_at, loop.time() + 10)):
-                        raw = await response.content.read(MAX_ERROR_BODY)
-                except (TimeoutError, aiohttp.ClientError):
-                    raw = b""
+                raw = await _read_error_body(response, min(limit_at, loop.time() + 10))
                 raise parse_error(response.status, response.headers, raw)
             if 300 <= response.status < 400 or response.status == 204:
                 raise bad_response(self.provider, model_id, f"unexpected HTTP {response.status}")
-            yield Upstream(self, response, model_id, first_byte_at, limit_at, deadline)
+            yield Upstream(self, response, model_id, first_byte_at, limit_at, deadline, total_s)
         finally:
             # A response not read to the end (cancelled, failed, abandoned) closes its
             # connection: the upstream sees the disconnect and stops generating.
@@ -230,6 +234,27 @@ class HttpTransport:
                 response.release()
             else:
                 response.close()
+
+
+async def _read_error_body(response: aiohttp.ClientResponse, until: float) -> bytes:
+    """The error body, up to MAX_ERROR_BODY bytes. `read(n)` returns only what has arrived so
+    far, so one call would cut a body sent in several pieces (chunked encoding, a slow proxy)
+    and lose the error type that decides retries (`insufficient_quota`, context length)."""
+    import aiohttp
+
+    parts: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout_at(until):
+            while size < MAX_ERROR_BODY:
+                part = await response.content.read(MAX_ERROR_BODY - size)
+                if not part:
+                    break
+                parts.append(part)
+                size += len(part)
+    except (TimeoutError, aiohttp.ClientError):
+        pass  # what arrived is still the best description of the error
+    return b"".join(parts)
 
 
 def _describe(exc: BaseException) -> str:

@@ -101,8 +101,7 @@ class AnthropicBackend(HostedBackend):
     def traits(self, name: str) -> ModelTraits:
         for prefix, caps, max_output in _MODELS:
             if name.startswith(prefix):
-                return ModelTraits(self.config.default_capabilities.apply(
-                    Capabilities(**{**caps.__dict__, "max_output_tokens": max_output})), 200000)
+                return ModelTraits(Capabilities(**{**caps.__dict__, "max_output_tokens": max_output}), 200000)
         return ModelTraits(self.default_caps, 0)
 
     def default_max_tokens(self, model: ModelInfo) -> int | None:

@@ -90,7 +90,8 @@ class HostedProviderConfig(StrictModel):
     # Serve model names that are neither configured nor listed (new models work at once), with
     # `default_capabilities`.
     allow_unlisted_models: bool = True
-    # What models the gateway knows nothing about can take.
+    # What models the gateway knows nothing about can take (known families keep what they take;
+    # override those per model under `models:`).
     default_capabilities: CapabilityOverrides = Field(default_factory=CapabilityOverrides)
     timeouts: Timeouts = Field(default_factory=Timeouts)
     retries: RetryPolicy = Field(default_factory=RetryPolicy)
@@ -105,13 +106,15 @@ class HostedProviderConfig(StrictModel):
             raise ValueError("must be an http:// or https:// URL")
         return value.rstrip("/") if value else value
 
-    @model_validator(mode="after")
-    def _unique_models(self) -> HostedProviderConfig:
-        names = [m.name for m in self.models]
+    @field_validator("models")
+    @classmethod
+    def _unique_models(cls, models: list[HostedModelConfig]) -> list[HostedModelConfig]:
+        # A field validator, so the error names `providers.<name>.models`.
+        names = [m.name for m in models]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"models: duplicate names {', '.join(duplicates)}")
-        return self
+            raise ValueError(f"duplicate names {', '.join(duplicates)}")
+        return models
 
     def resolve_key(self, default_env: str | None, environ: dict[str, str] | None = None) -> tuple[str | None, str]:
         """(key or None, where it was looked for), from `api_key`, else `api_key_env`, else the
@@ -141,6 +144,18 @@ class OpenAIConfig(HostedProviderConfig):
     # stop, presence_penalty, frequency_penalty, repetition_penalty). None: the preset's.
     supported_parameters: list[str] | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_list_models(cls, data: object) -> object:
+        """`list_models` defaults to the preset's (Fireworks lists no chat models of yours)."""
+        from pluggably.providers.presets import PRESETS
+
+        if isinstance(data, dict) and "list_models" not in data:
+            name = data.get("preset") or ("generic" if data.get("base_url") else "openai")
+            preset = PRESETS.get(name) if isinstance(name, str) else None
+            if preset is not None and not preset.list_models:
+                return {**data, "list_models": False}
+        return data
 
     @field_validator("preset")
     @classmethod

@@ -87,7 +87,7 @@ class GeminiBackend(HostedBackend):
     def traits(self, name: str) -> ModelTraits:
         for prefix, context, max_output in _MODELS:
             if name.startswith(prefix):
-                caps = Capabilities(**{**self.default_caps.__dict__, "max_output_tokens": max_output})
+                caps = Capabilities(**{**_ALL.__dict__, "max_output_tokens": max_output})
                 return ModelTraits(caps, context)
         return ModelTraits(self.default_caps, 0)
 

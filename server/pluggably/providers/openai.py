@@ -81,7 +81,10 @@ class OpenAIBackend(HostedBackend):
     RESERVED_OPTIONS = _RESERVED
 
     def __init__(self, provider: str, config: OpenAIConfig) -> None:
-        self.preset: Preset = PRESETS[config.preset_name()]
+        # A provider named after a preset gets it (also `openai:` with its own base_url, e.g. a
+        # proxy in front of OpenAI), unless its section names another.
+        name = config.preset or (provider if provider in PRESETS else config.preset_name())
+        self.preset: Preset = PRESETS[name]
         preset = self.preset
         self.max_tokens_field = config.max_tokens_field or preset.max_tokens_field
         self.stream_usage = preset.stream_usage if config.stream_usage is None else config.stream_usage
@@ -111,7 +114,7 @@ class OpenAIBackend(HostedBackend):
         if family is None:
             return ModelTraits(self.default_caps)
         caps, context, _ = family
-        return ModelTraits(self.config.default_capabilities.apply(caps), context)
+        return ModelTraits(caps, context)
 
     def supported_parameters(self, model: ModelInfo) -> Iterable[str]:
         family = self._family(model.name)
