@@ -62,9 +62,11 @@ def fresh(standin: AnthropicStandIn):
 
 
 @pytest.fixture
-def client(standin: AnthropicStandIn) -> anthropic.AsyncAnthropic:
-    return anthropic.AsyncAnthropic(api_key=API_KEY, base_url=standin.base_url, max_retries=0,
-                                    timeout=5)
+async def client(standin: AnthropicStandIn):
+    # Closed on teardown, so its pooled connections do not outlive the test.
+    async with anthropic.AsyncAnthropic(api_key=API_KEY, base_url=standin.base_url, max_retries=0,
+                                        timeout=5) as sdk:
+        yield sdk
 
 
 async def raw_request(standin: AnthropicStandIn, body: Any = None, *, path: str = "/v1/messages",
@@ -423,11 +425,11 @@ async def test_error_type_override_and_retry_after(standin, client) -> None:
 
 
 async def test_sdk_retries_after_the_retry_after_hint(standin) -> None:
-    retrying = anthropic.AsyncAnthropic(api_key=API_KEY, base_url=standin.base_url, max_retries=1,
-                                        timeout=5)
     standin.inject(Fault("status", status=429, retry_after=0.3))
-    message = await retrying.messages.create(model="claude-sonnet-4-6", max_tokens=10,
-                                             messages=HELLO)
+    async with anthropic.AsyncAnthropic(api_key=API_KEY, base_url=standin.base_url,
+                                        max_retries=1, timeout=5) as retrying:
+        message = await retrying.messages.create(model="claude-sonnet-4-6", max_tokens=10,
+                                                 messages=HELLO)
     assert message.stop_reason in ("end_turn", "max_tokens")
     first, second = standin.requests
     assert second.at - first.at >= 0.28
@@ -664,14 +666,15 @@ async def test_hang_mid_stream_pauses_then_finishes(standin, client) -> None:
 
 
 async def test_clients_giving_up_during_hangs_count_as_disconnects(standin) -> None:
-    impatient = anthropic.AsyncAnthropic(api_key=API_KEY, base_url=standin.base_url,
-                                         max_retries=0, timeout=0.3)
-    standin.inject(Fault("hang_before_headers", seconds=3))
-    with pytest.raises(anthropic.APITimeoutError):
-        await impatient.messages.create(model="claude-sonnet-4-6", max_tokens=10, messages=HELLO)
-    standin.inject(Fault("hang_mid_stream", after_chunks=3, seconds=3))
-    with pytest.raises(httpx2.ReadTimeout):  # mid-stream, the SDK lets httpx2's error through
-        await stream_all(impatient)
+    async with anthropic.AsyncAnthropic(api_key=API_KEY, base_url=standin.base_url,
+                                        max_retries=0, timeout=0.3) as impatient:
+        standin.inject(Fault("hang_before_headers", seconds=3))
+        with pytest.raises(anthropic.APITimeoutError):
+            await impatient.messages.create(model="claude-sonnet-4-6", max_tokens=10,
+                                            messages=HELLO)
+        standin.inject(Fault("hang_mid_stream", after_chunks=3, seconds=3))
+        with pytest.raises(httpx2.ReadTimeout):  # mid-stream, the SDK lets httpx2's error through
+            await stream_all(impatient)
     for _ in range(50):
         if standin.disconnects == 2:
             break

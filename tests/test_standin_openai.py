@@ -68,9 +68,9 @@ def s(standin: OpenAIStandIn) -> OpenAIStandIn:
 
 @pytest.fixture
 async def client(s: OpenAIStandIn):
-    c = AsyncOpenAI(api_key=API_KEY, base_url=f"{s.base_url}/v1", max_retries=0, timeout=5)
-    yield c
-    await c.close()
+    async with AsyncOpenAI(api_key=API_KEY, base_url=f"{s.base_url}/v1", max_retries=0,
+                           timeout=5) as c:
+        yield c
 
 
 def user(text: str) -> list[dict[str, Any]]:
@@ -389,11 +389,11 @@ async def test_models_list_and_retrieve(client):
 
 async def test_custom_models_and_open_auth():
     async with OpenAIStandIn(api_key=None, models=[OpenAIModel("local-llm", owned_by="me")]) as s:
-        c = AsyncOpenAI(api_key="anything", base_url=f"{s.base_url}/v1", max_retries=0)
-        assert [m.id async for m in c.models.list()] == ["local-llm"]
-        completion = await c.chat.completions.create(model="local-llm", messages=user("hi"))
+        async with AsyncOpenAI(api_key="anything", base_url=f"{s.base_url}/v1",
+                               max_retries=0) as c:
+            assert [m.id async for m in c.models.list()] == ["local-llm"]
+            completion = await c.chat.completions.create(model="local-llm", messages=user("hi"))
         assert completion.model == "local-llm"
-        await c.close()
 
 
 async def test_unknown_and_non_chat_models_are_404(client):
@@ -686,23 +686,23 @@ async def test_missing_terminator_goes_unnoticed_by_the_sdk(s, client):
 
 async def test_hang_mid_stream_times_out_and_counts_disconnect(s):
     s.inject(Fault("hang_mid_stream", after_chunks=2, seconds=5))
-    c = AsyncOpenAI(api_key=API_KEY, base_url=f"{s.base_url}/v1", max_retries=0, timeout=0.3)
-    stream = await c.chat.completions.create(model=MODEL, messages=user("hi"), stream=True)
-    seen = []
-    with pytest.raises(openai.APITimeoutError):
-        async for chunk in stream:
-            seen.append(chunk)
+    async with AsyncOpenAI(api_key=API_KEY, base_url=f"{s.base_url}/v1", max_retries=0,
+                           timeout=0.3) as c:
+        stream = await c.chat.completions.create(model=MODEL, messages=user("hi"), stream=True)
+        seen = []
+        with pytest.raises(openai.APITimeoutError):
+            async for chunk in stream:
+                seen.append(chunk)
     assert len(seen) == 2
-    await c.close()
     await wait_for(lambda: s.disconnects == 1)
 
 
 async def test_hang_before_headers_times_out_and_counts_disconnect(s):
     s.inject(Fault("hang_before_headers", seconds=5))
-    c = AsyncOpenAI(api_key=API_KEY, base_url=f"{s.base_url}/v1", max_retries=0, timeout=0.3)
-    with pytest.raises(openai.APITimeoutError):
-        await c.chat.completions.create(model=MODEL, messages=user("hi"))
-    await c.close()
+    async with AsyncOpenAI(api_key=API_KEY, base_url=f"{s.base_url}/v1", max_retries=0,
+                           timeout=0.3) as c:
+        with pytest.raises(openai.APITimeoutError):
+            await c.chat.completions.create(model=MODEL, messages=user("hi"))
     await wait_for(lambda: s.disconnects == 1)
     assert s.active == 0
 

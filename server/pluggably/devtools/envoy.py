@@ -88,11 +88,14 @@ class Envoy:
         return f"http://127.0.0.1:{self.http_port}"
 
     def start(self, timeout: float = 30) -> None:
-        self.process = subprocess.Popen(
-            [envoy_binary(), "-c", str(self.config), "--log-level", self.log_level,
-             "--base-id", str(self.admin_port), "--disable-hot-restart"],
-            stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
-        )
+        # The child gets its own copy of the log descriptor; ours is closed as soon as Popen
+        # returns, so nothing is left open in this process.
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                [envoy_binary(), "-c", str(self.config), "--log-level", self.log_level,
+                 "--base-id", str(self.admin_port), "--disable-hot-restart"],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -104,6 +107,7 @@ class Envoy:
             except OSError:
                 pass
             time.sleep(0.05)
+        self.stop()
         raise RuntimeError(f"envoy not ready after {timeout}s: {self.log.read_text()[-2000:]}")
 
     def stop(self) -> None:
@@ -113,6 +117,7 @@ class Envoy:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:
                 self.process.kill()
+                self.process.wait()
 
 
 def main(argv: list[str] | None = None) -> None:
