@@ -15,7 +15,7 @@ PLUGGABLY_CONFIG ?= examples/demo.yaml
 PROTOS      := $(wildcard proto/pluggably/v1/*.proto)
 PYTEST_ARGS ?=
 
-.PHONY: help install run test generate check-generated lint breaking bench model clean
+.PHONY: help install run test generate check-generated lint breaking bench bench-gateway model clean
 
 help:
 	@echo "make run              start the gRPC server (:$(GRPC_PORT)) and Envoy REST/gRPC (:$(HTTP_PORT))"
@@ -24,7 +24,8 @@ help:
 	@echo "make check-generated  fail if generated files are out of date"
 	@echo "make lint             buf lint/format, ruff"
 	@echo "make breaking         buf breaking against the released contract (proto/baseline/)"
-	@echo "make bench            run the benchmarks in bench/"
+	@echo "make bench            run the local text benchmarks in bench/"
+	@echo "make bench-gateway    hosted-provider overhead: direct vs gRPC vs Envoy REST"
 	@echo "make model            build the tiny offline demo model into $(MODEL_DIR)"
 
 install: $(VENV)/.installed node_modules/.installed
@@ -83,6 +84,9 @@ lint: install
 bench: install model
 	$(PY) bench/bench_text.py --model-dir $(MODEL_DIR)
 	$(PY) bench/bench_text.py --model-dir var/models/small-random-llama --size small --runs 5 --startup-runs 0
+
+bench-gateway: install
+	$(PY) bench/bench_gateway.py
 
 clean:
 	rm -rf $(VENV) node_modules var .pytest_cache

@@ -40,7 +40,7 @@ def chat(**kwargs) -> GenerationRequest:
 
 
 async def run(plane: Dataplane, request: GenerationRequest, model: str, fallbacks=(), modality=None):
-    return [item async for item in plane.generate(request, model, fallbacks, modality)]
+    return [item async for item in await plane.generate(request, model, fallbacks, modality)]
 
 
 async def violations(plane: Dataplane, request: GenerationRequest, model: str, fallbacks=()) -> dict[str, str]:

@@ -235,7 +235,11 @@ async def test_last_fallback_error_is_reported_when_all_fail(fake) -> None:
     backend.behaviours["other"] = lambda _req: errors.Unavailable("second down")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await generate_service_pb2_grpc.GenerateServiceStub(channel).Generate(_request(fallback_models=["fake/other"]))
-    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and caught.value.details() == "second down"
+    err = rich_error(caught.value)
+    assert err.code == grpc.StatusCode.UNAVAILABLE
+    # The client asked for fake/echo: the message says what it and the fallback answered.
+    assert err.message == "fake/other: second down (tried first: fake/echo: UNAVAILABLE)"
+    assert err.info.metadata["models_tried"] == "fake/echo,fake/other"
 
 
 async def test_unimplemented_rpcs_say_so(fake) -> None:

@@ -35,15 +35,16 @@ class Dataplane:
         fallbacks: Sequence[str] = (),
         modality: Modality | None = None,
     ) -> AsyncIterator[tuple[str, Chunk]]:
-        """Yields (serving model id, chunk) once the request passed the checks of every route."""
+        """Checks the request against every route, then returns the stream of (serving model
+        id, chunk). Returned rather than re-yielded: every stream chunk passes each generator
+        layer, and this one would only relay."""
         routes = await self.router.routes(model, fallbacks)
         violations: list[FieldViolation] = []
         for route in routes:
             violations.extend(check_request(request, route, modality))
         if violations:
             raise InvalidArgument(_unique(violations))
-        async for item in self.router.stream(routes, request):
-            yield item
+        return self.router.stream(routes, request)
 
 
 def check_request(request: GenerationRequest, route: Route, modality: Modality | None) -> list[FieldViolation]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -54,6 +55,9 @@ class Router:
                 raise ValueError(f"two backends for provider {backend.provider!r}")
             self._backends[backend.provider] = backend
         self._aliases = dict(aliases or {})
+        self._aliases_by_target: dict[str, tuple[str, ...]] = {}
+        for alias, target in sorted(self._aliases.items()):
+            self._aliases_by_target[target] = (*self._aliases_by_target.get(target, ()), alias)
         self._fallbacks = {model: list(models) for model, models in (fallbacks or {}).items()}
         self.first_chunk_timeout_s = first_chunk_timeout_s
 
@@ -70,14 +74,16 @@ class Router:
             raise ModelNotFound(model)
         return backend, name
 
-    def _aliases_of(self, model_id: str) -> tuple[str, ...]:
-        return tuple(sorted(a for a, target in self._aliases.items() if target == model_id))
+    def _with_aliases(self, info: ModelInfo) -> ModelInfo:
+        aliases = self._aliases_by_target.get(info.id, ())
+        # Most models have no alias: no copy on the request path for them.
+        return dataclasses.replace(info, aliases=aliases) if aliases != info.aliases else info
 
     async def list_models(self) -> list[ModelInfo]:
         models = []
         for backend in self._backends.values():
             for info in await backend.list_models():
-                models.append(dataclasses.replace(info, aliases=self._aliases_of(info.id)))
+                models.append(self._with_aliases(info))
         return sorted(models, key=lambda m: m.id)
 
     async def get_model(self, model: str) -> ModelInfo:
@@ -85,7 +91,7 @@ class Router:
         info = await backend.get_model(name)
         if info is None:
             raise ModelNotFound(model)
-        return dataclasses.replace(info, aliases=self._aliases_of(info.id))
+        return self._with_aliases(info)
 
     async def parameters(self, model: str) -> tuple[str, list[ParameterSpec]]:
         info = await self.get_model(model)
@@ -113,7 +119,9 @@ class Router:
     async def stream(self, routes: Sequence[Route], request: GenerationRequest) -> AsyncIterator[tuple[str, Chunk]]:
         """Yields (serving model id, chunk). A model that fails before producing output, or
         produces none within the first-chunk timeout while a fallback is left, is abandoned for
-        the next route."""
+        the next route. When every route failed, the error of the last one is raised, with a
+        message that names what each model answered (the client asked for the first)."""
+        failures: list[str] = []
         for i, route in enumerate(routes):
             is_last = i == len(routes) - 1
             timeout = None if is_last else self.first_chunk_timeout_s
@@ -131,7 +139,18 @@ class Router:
                     raise
                 except Exception as exc:
                     if is_last:
+                        if failures and isinstance(exc, PluggablyError):
+                            # A copy: a backend may raise one error instance more than once.
+                            error = copy.copy(exc)
+                            error.message = (f"{route.model_id}: {exc.message} (tried first: "
+                                             f"{'; '.join(failures)})")
+                            error.metadata = {**exc.metadata,
+                                              "models_tried": ",".join(r.model_id for r in routes)}
+                            raise error from exc
                         raise
+                    failures.append(f"{route.model_id}: "
+                                    + ("no output in time" if isinstance(exc, TimeoutError) and deadline.expired()
+                                       else getattr(exc, "reason", "failed")))
                     if isinstance(exc, TimeoutError) and deadline.expired():
                         log.warning("model %s produced nothing in %.1fs; trying %s",
                                     route.model_id, timeout, routes[i + 1].model_id)

@@ -5,6 +5,7 @@ request id."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -39,8 +40,10 @@ class GenerateServicer(generate_service_pb2_grpc.GenerateServiceServicer):
         domain, modality = generation_request_from_pb(request, request_id, stream=False,
                                                       deadline=_deadline(context))
         result = ResponseAccumulator(request_id)
-        async for model, chunk in self._dataplane.generate(domain, request.model, request.fallback_models, modality):
-            result.add(model, chunk)
+        stream = await self._dataplane.generate(domain, request.model, request.fallback_models, modality)
+        async with contextlib.aclosing(stream):
+            async for model, chunk in stream:
+                result.add(model, chunk)
         return result.result()
 
 
@@ -54,5 +57,7 @@ class StreamServicer(stream_service_pb2_grpc.StreamServiceServicer):
         request_id = current_request_id()
         domain, modality = generation_request_from_pb(request, request_id, stream=True,
                                                       deadline=_deadline(context))
-        async for model, chunk in self._dataplane.generate(domain, request.model, request.fallback_models, modality):
-            yield stream_chunk_to_pb(request_id, model, chunk)
+        stream = await self._dataplane.generate(domain, request.model, request.fallback_models, modality)
+        async with contextlib.aclosing(stream):
+            async for model, chunk in stream:
+                yield stream_chunk_to_pb(request_id, model, chunk)

@@ -91,6 +91,7 @@ class HostedBackend(Backend, abc.ABC):
             timeouts=config.timeouts, max_connections=config.max_connections)
         self._configured = {m.name: self._configured_info(m) for m in config.models}
         self._listed: dict[str, ModelInfo] = {}
+        self._unlisted: dict[str, ModelInfo] = {}  # served although neither configured nor listed
         self._breakers: dict[str, CircuitBreaker] = {}
         self._parameters: dict[tuple[str, int], list[ParameterSpec]] = {}
         self._refresh: asyncio.Task[None] | None = None
@@ -173,13 +174,16 @@ class HostedBackend(Backend, abc.ABC):
         return [self._with_state(info) for _, info in sorted(merged.items())]
 
     async def get_model(self, name: str) -> ModelInfo | None:
-        info = self._configured.get(name) or self._listed.get(name)
+        info = self._configured.get(name) or self._listed.get(name) or self._unlisted.get(name)
         if info is None:
             if not self.config.allow_unlisted_models:
                 return None
             info = self.model_info(name)
             info = dataclasses.replace(
                 info, description=info.description or "not listed by the provider; the provider's default capabilities")
+            if len(self._unlisted) >= 1024:  # names come from clients: keep the memo bounded
+                self._unlisted.clear()
+            self._unlisted[name] = info
         return self._with_state(info)
 
     def parameters(self, model: ModelInfo) -> list[ParameterSpec]:
@@ -219,6 +223,8 @@ class HostedBackend(Backend, abc.ABC):
     # ---- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
+        if self._missing_key:
+            log.warning("%s; its models are listed as unavailable until it has one", self._missing_key)
         if self.config.list_models and not self._missing_key:
             self._refresh = asyncio.get_running_loop().create_task(
                 self._refresh_models(), name=f"pluggably-list-models:{self.provider}")
@@ -231,6 +237,7 @@ class HostedBackend(Backend, abc.ABC):
             self.listing_error = failure.error.message
             raise
         self._listed = {m.name: m for m in models}
+        self._unlisted.clear()
         self.listing_error = ""
 
     async def _refresh_models(self) -> None:

@@ -158,6 +158,8 @@ class HttpTransport:
                 auto_decompress=True,
                 raise_for_status=False,
                 skip_auto_headers=("User-Agent",),
+                # Provider APIs set no cookies worth keeping; a real jar costs every request.
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._session
 
