@@ -79,7 +79,7 @@ breaking: install
 lint: install
 	$(BUF) lint
 	$(BUF) format --diff --exit-code
-	$(VENV)/bin/ruff check server tests tools bench
+	$(VENV)/bin/ruff check server tests bench
 
 bench: install model
 	$(PY) bench/bench_text.py --model-dir $(MODEL_DIR)
