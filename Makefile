@@ -59,10 +59,11 @@ generate: install
 	$(BUF) build --as-file-descriptor-set -o envoy/pluggably.pb
 	$(PY) -m pluggably.devtools.openapi_gen envoy/pluggably.pb -o envoy/openapi.json
 
+# Read-only on git: `git status` lists modified and new (untracked) generated files alike.
 check-generated: generate
-	@git add -N server/pluggably/v1 envoy >/dev/null 2>&1 || true
-	@git diff --exit-code --stat -- server/pluggably/v1 envoy/pluggably.pb envoy/openapi.json \
-		|| (echo "generated files are out of date: run 'make generate' and commit"; exit 1)
+	@stale=$$(git status --porcelain -- server/pluggably/v1 envoy/pluggably.pb envoy/openapi.json); \
+	if [ -n "$$stale" ]; then echo "$$stale"; \
+		echo "generated files are out of date: run 'make generate' and commit"; exit 1; fi
 
 # The contract changes additively only. FILE rules against the contract as last released, and
 # WIRE_JSON against the first release (9e4b693). FIELD_WIRE_JSON_COMPATIBLE_TYPE is excepted there

@@ -238,6 +238,80 @@ async def concurrent_streams(call: Callable[[], Awaitable[tuple[float, float, in
     return [r[0] for r in ok], errors, incomplete
 
 
+BARE_GRPC_SERVER = """
+import asyncio, sys
+import grpc
+from pluggably.v1 import generate_service_pb2, generate_service_pb2_grpc
+
+class Canned(generate_service_pb2_grpc.GenerateServiceServicer):
+    async def Generate(self, request, context):
+        return generate_service_pb2.GenerateResponse(id="x", model="openai/gpt-4o-mini", text="w " * 64)
+
+async def main():
+    server = grpc.aio.server()
+    generate_service_pb2_grpc.add_GenerateServiceServicer_to_server(Canned(), server)
+    print(server.add_insecure_port("127.0.0.1:0"), flush=True)
+    await server.start()
+    await server.wait_for_termination()
+
+asyncio.run(main())
+"""
+
+BARE_AIOHTTP_CLIENT = """
+import asyncio, json, resource, sys, time
+import aiohttp
+
+async def main(url, key, body, concurrency, seconds):
+    async with aiohttp.ClientSession() as http:
+        count = 0
+        stop_at = time.perf_counter() + seconds
+        async def worker():
+            nonlocal count
+            while time.perf_counter() < stop_at:
+                async with http.post(url, json=body, headers={"Authorization": "Bearer " + key}) as r:
+                    await r.read()
+                count += 1
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+        print(cpu / count * 1000)
+
+asyncio.run(main(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])))
+"""
+
+
+async def floor_ms(c: Clients, concurrency: int, seconds: float) -> tuple[float, float]:
+    """CPU ms per request of the two libraries the gateway is built on, under the same load:
+    a grpc.aio server that answers a canned GenerateResponse, and an aiohttp client calling the
+    stand-in. Their sum is what the gateway costs before any of its own work."""
+    server = await asyncio.create_subprocess_exec(sys.executable, "-c", BARE_GRPC_SERVER,
+                                                  stdout=subprocess.PIPE)
+    try:
+        assert server.stdout is not None
+        port = int(await server.stdout.readline())
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = generate_service_pb2_grpc.GenerateServiceStub(channel).Generate
+
+            async def bare() -> float:
+                start = time.perf_counter()
+                await call(GRPC_REQUEST)
+                return time.perf_counter() - start
+
+            await throughput(bare, concurrency, 1.0)
+            before = proc_cpu_s(server.pid)
+            _rate, latencies, _errors = await throughput(bare, concurrency, seconds)
+            grpc_ms = (proc_cpu_s(server.pid) - before) / max(1, len(latencies)) * 1000
+    finally:
+        server.terminate()
+        await server.wait()
+    client = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", BARE_AIOHTTP_CLIENT, c.direct_url, KEY, json.dumps(OPENAI_BODY),
+        str(concurrency), str(seconds), stdout=subprocess.PIPE)
+    out, _ = await client.communicate()
+    return grpc_ms, float(out)
+
+
 def ms(x: float) -> str:
     return f"{x * 1000:.2f}"
 
@@ -282,6 +356,9 @@ async def run(args: argparse.Namespace) -> None:
                     f"{rate:.0f} req/s ({ms(p99)} ms, {errors} errors)", rate >= 1500 and p99 < 0.020 and not errors)
                 per_1000 = cpu / max(1, len(latencies)) * 1000
                 row("gateway CPU per 1,000 unary requests", "<= 1.0 s", f"{per_1000:.2f} s", per_1000 <= 1.0)
+                grpc_ms, aiohttp_ms = await floor_ms(c, args.concurrency, seconds / 2)
+                row("of which the libraries' floor: grpc.aio server + aiohttp client", "(report)",
+                    f"{grpc_ms:.2f} + {aiohttp_ms:.2f} = {grpc_ms + aiohttp_ms:.2f} s per 1,000", None)
 
                 await c.set_pace(PACE_S)
                 m = 20 if args.quick else 60
