@@ -343,26 +343,24 @@ class HostedBackend(Backend, abc.ABC):
             if stream:
                 decoder = self.stream_decoder(request)
                 async for event in upstream.events():
-                    try:
-                        chunks = decoder.feed(event)
-                    except (UpstreamFailure, PluggablyError):
-                        raise
-                    except Exception as exc:
-                        raise bad_response(self.provider, info.id, _what_broke(exc)) from None
-                    for chunk in chunks:
+                    for chunk in self._decoded(decoder.feed, event, info):
                         yield chunk
                 for chunk in decoder.finish():
                     yield chunk
                 return
             raw = await upstream.read()
-            try:
-                chunks = self.decode_response(orjson.loads(raw), request)
-            except (UpstreamFailure, PluggablyError):
-                raise
-            except Exception as exc:
-                raise bad_response(self.provider, info.id, _what_broke(exc)) from None
-            for chunk in chunks:
+            for chunk in self._decoded(lambda body: self.decode_response(orjson.loads(body), request), raw, info):
                 yield chunk
+
+    def _decoded(self, decode: Any, data: Any, info: ModelInfo) -> list[Chunk]:
+        """`decode(data)`, with anything but a deliberate error turned into a bad response: a
+        provider body of an unexpected shape must not surface as INTERNAL."""
+        try:
+            return decode(data)  # type: ignore[no-any-return]
+        except (UpstreamFailure, PluggablyError):
+            raise
+        except Exception as exc:
+            raise bad_response(self.provider, info.id, _what_broke(exc)) from None
 
     async def get_json(self, path: str, params: Mapping[str, str] | None = None, *,
                        what: str = "models") -> Any:

@@ -143,6 +143,65 @@ def split_text(text: str, chunks: int | None) -> list[str]:
     return out
 
 
+def sample_from_schema(schema: Any, root: Any = None, depth: int = 0) -> Any:
+    """A value that fits a JSON Schema (or Gemini's OpenAPI-subset schema, whose type names are
+    upper-case): strings "stand-in", numbers 1, booleans true, arrays [], enums their first
+    value, objects with every listed and every required property, `$ref`s followed, and for
+    `anyOf`/`oneOf` the first branch that is not null (so `Optional[X]` still gives an X)."""
+    root = schema if root is None else root
+    if not isinstance(schema, dict) or depth > 16:
+        return "stand-in"
+    ref = schema.get("$ref")
+    if isinstance(ref, str):
+        return sample_from_schema(_resolve_ref(root, ref), root, depth + 1)
+    if "const" in schema:
+        return schema["const"]
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    for combinator in ("anyOf", "any_of", "oneOf", "allOf"):
+        options = schema.get(combinator)
+        if isinstance(options, list) and options:
+            usable = [o for o in options
+                      if not (isinstance(o, dict) and str(o.get("type", "")).lower() == "null")]
+            return sample_from_schema((usable or options)[0], root, depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if str(k).lower() != "null"), "null")
+    kind = str(kind).lower() if kind is not None else (
+        "object" if "properties" in schema else "array" if "items" in schema else "string")
+    if kind == "object":
+        properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        names = list(properties)
+        names += [n for n in schema.get("required", ()) if isinstance(n, str) and n not in names]
+        return {n: sample_from_schema(properties.get(n, {}), root, depth + 1) for n in names}
+    return {"array": [], "integer": 1, "number": 1, "boolean": True, "null": None}.get(
+        kind, "stand-in")
+
+
+def _resolve_ref(root: Any, ref: str) -> Any:
+    """The node a local JSON pointer (`#/$defs/x`, with ~0/~1 escapes) names, or {}."""
+    if not ref.startswith("#"):
+        return {}
+    node = root
+    for part in ref[1:].strip("/").split("/"):
+        if part:
+            node = node.get(part.replace("~1", "/").replace("~0", "~")) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) else {}
+
+
+def sniff_image(data: bytes) -> str | None:
+    """The media type image bytes really have (the real APIs check it against the declared one)."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "image/gif"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
 def count_tokens(text: str) -> int:
     """The stand-ins' token count: one token per word (deterministic, good enough for usage)."""
     return len(text.split())

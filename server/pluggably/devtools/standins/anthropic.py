@@ -38,6 +38,8 @@ from pluggably.devtools.standins._base import (
     count_tokens,
     echo_text,
     last_user_text,
+    sample_from_schema,
+    sniff_image,
     split_text,
     words,
 )
@@ -170,54 +172,8 @@ class _Outcome:
     stop_details: dict[str, Any] | None = field(default=None)
 
 
-def sample_from_schema(schema: Any, root: Any = None, depth: int = 0) -> Any:
-    """A value that fits a JSON schema: strings "stand-in", numbers 1, booleans true, arrays
-    empty, objects with every listed or required property filled in, enums their first value."""
-    root = schema if root is None else root
-    if not isinstance(schema, dict) or depth > 16:
-        return "stand-in"
-    ref = schema.get("$ref")
-    if isinstance(ref, str) and ref.startswith("#/"):
-        target: Any = root
-        for part in ref[2:].split("/"):
-            target = target.get(part, {}) if isinstance(target, dict) else {}
-        return sample_from_schema(target, root, depth + 1)
-    if "const" in schema:
-        return schema["const"]
-    if isinstance(schema.get("enum"), list) and schema["enum"]:
-        return schema["enum"][0]
-    for combinator in ("anyOf", "oneOf", "allOf"):
-        options = schema.get(combinator)
-        if isinstance(options, list) and options:
-            # Prefer a non-null branch: `Optional[X]` should still produce an X.
-            chosen = next((o for o in options if not (isinstance(o, dict)
-                                                     and o.get("type") == "null")), options[0])
-            return sample_from_schema(chosen, root, depth + 1)
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), "null")
-    if kind is None:
-        kind = "object" if "properties" in schema else "string"
-    if kind == "object":
-        properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
-        names = list(properties)
-        names += [n for n in schema.get("required", ()) if isinstance(n, str) and n not in names]
-        return {n: sample_from_schema(properties.get(n, {}), root, depth + 1) for n in names}
-    return {"array": [], "string": "stand-in", "integer": 1, "number": 1, "boolean": True,
-            "null": None}.get(kind, "stand-in")
 
 
-def _sniff_image(data: bytes) -> str | None:
-    """The media type the bytes really are (the real API checks it against the declared one)."""
-    if data.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if data.startswith((b"GIF87a", b"GIF89a")):
-        return "image/gif"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return None
 
 
 def _json_fragments(text: str) -> list[str]:
@@ -674,7 +630,7 @@ class AnthropicStandIn(StandIn):
             if len(raw) > _MAX_IMAGE_BYTES:
                 raise _Rejection(f"{at}.image.source.base64.data: image exceeds 5 MB maximum: "
                                  f"{len(raw)} bytes > {_MAX_IMAGE_BYTES} bytes")
-            actual = _sniff_image(raw)
+            actual = sniff_image(raw)
             if actual is None:
                 raise _Rejection("Could not process image")
             if actual != media_type:

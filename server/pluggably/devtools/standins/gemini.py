@@ -50,6 +50,8 @@ from pluggably.devtools.standins._base import (
     count_tokens,
     echo_text,
     last_user_text,
+    sample_from_schema,
+    sniff_image,
     split_text,
     words,
 )
@@ -251,11 +253,7 @@ _OTHER_INPUT_TYPES = frozenset({
     "video/mov", "video/quicktime", "video/avi", "video/x-flv", "video/mpg", "video/webm",
     "video/wmv", "video/3gpp",
 })
-_IMAGE_MAGIC = {
-    "image/png": (b"\x89PNG\r\n\x1a\n",),
-    "image/jpeg": (b"\xff\xd8\xff",),
-    "image/webp": (b"RIFF",),
-}
+_SNIFFABLE = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
 _RESPONSE_MIME_TYPES = ("text/plain", "application/json", "application/xml", "application/yaml",
                         "text/x.enum")
 _FUNCTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:\-]{0,63}")
@@ -411,41 +409,6 @@ class _ProtoJson:
         return None
 
 
-def sample_from_schema(schema: Any, root: Any = None, depth: int = 0) -> Any:
-    """A value matching a JSON Schema or Gemini (OpenAPI-subset) schema: every listed property,
-    strings "stand-in", numbers 1, booleans true, arrays [], enums their first value."""
-    if not isinstance(schema, dict) or depth > 12:
-        return "stand-in"
-    root = schema if root is None else root
-    ref = schema.get("$ref")
-    if isinstance(ref, str) and ref.startswith("#/"):
-        target: Any = root
-        for key in ref[2:].split("/"):
-            target = target.get(key) if isinstance(target, dict) else None
-        return sample_from_schema(target, root, depth + 1)
-    if isinstance(schema.get("enum"), list) and schema["enum"]:
-        return schema["enum"][0]
-    if "const" in schema:
-        return schema["const"]
-    for combinator in ("anyOf", "any_of", "oneOf", "allOf"):
-        options = schema.get(combinator)
-        if isinstance(options, list) and options:
-            usable = [o for o in options
-                      if not (isinstance(o, dict) and str(o.get("type", "")).lower() == "null")]
-            return sample_from_schema((usable or options)[0], root, depth + 1)
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if str(k).lower() != "null"), "null")
-    kind = str(kind).lower() if kind is not None else (
-        "object" if "properties" in schema else "array" if "items" in schema else "string")
-    if kind == "object":
-        properties = schema.get("properties")
-        if not isinstance(properties, dict):
-            return {}
-        return {name: sample_from_schema(sub, root, depth + 1)
-                for name, sub in properties.items()}
-    return {"array": [], "integer": 1, "number": 1, "boolean": True, "null": None}.get(
-        kind, "stand-in")
 
 
 @dataclass
@@ -783,7 +746,7 @@ class GeminiStandIn(StandIn):
                 data_bytes = _decode_base64(blob.get("data") or "") or b""
                 if not data_bytes:
                     problems.append(f"{where}.inline_data.data: data must not be empty\n")
-                elif mime in _IMAGE_MAGIC and not data_bytes.startswith(_IMAGE_MAGIC[mime]):
+                elif mime in _SNIFFABLE and sniff_image(data_bytes) != mime:
                     raise _Rejected(self.error_response(400, _BAD_IMAGE))
         for key, label in (("functionCall", "function_call"),
                            ("functionResponse", "function_response")):

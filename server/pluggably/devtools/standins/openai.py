@@ -36,6 +36,8 @@ from pluggably.devtools.standins._base import (
     count_tokens,
     echo_text,
     last_user_text,
+    sample_from_schema,
+    sniff_image,
     split_text,
     words,
 )
@@ -184,45 +186,8 @@ class RequestRejected(Exception):
 # ---- JSON-schema helpers -------------------------------------------------------------------
 
 
-def sample_from_schema(schema: Any, root: Any = None) -> Any:
-    """A value that fits `schema`: strings "stand-in", numbers 1, booleans true, arrays [],
-    enums their first value, objects with every listed property (recursively, `$ref`s followed).
-    """
-    root = schema if root is None else root
-    if not isinstance(schema, dict):
-        return "stand-in"
-    if "$ref" in schema:
-        return sample_from_schema(_resolve_ref(root, schema["$ref"]), root)
-    if "const" in schema:
-        return schema["const"]
-    if schema.get("enum"):
-        return schema["enum"][0]
-    for combinator in ("anyOf", "oneOf", "allOf"):
-        options = schema.get(combinator)
-        if options:
-            non_null = [o for o in options if not (isinstance(o, dict) and o.get("type") == "null")]
-            return sample_from_schema((non_null or options)[0], root)
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), "null")
-    if kind is None:
-        kind = "object" if "properties" in schema else "array" if "items" in schema else "string"
-    if kind == "object":
-        properties = schema.get("properties") or {}
-        return {name: sample_from_schema(sub, root) for name, sub in properties.items()}
-    return {"string": "stand-in", "number": 1, "integer": 1, "boolean": True, "array": [],
-            "null": None}.get(kind, "stand-in")
 
 
-def _resolve_ref(root: Any, ref: Any) -> Any:
-    if not isinstance(ref, str) or not ref.startswith("#"):
-        return {}
-    node = root
-    for part in ref.lstrip("#").strip("/").split("/"):
-        if not part:
-            continue
-        node = node.get(part.replace("~1", "/").replace("~0", "~")) if isinstance(node, dict) else None
-    return node if isinstance(node, dict) else {}
 
 
 def strict_schema_problem(schema: Any) -> str | None:
@@ -773,7 +738,7 @@ class _RequestReader:
             raise RequestRejected(
                 "You uploaded an unsupported image. Please make sure your image is valid.",
                 code="invalid_image_format") from None
-        if _sniff_image(decoded) is None:
+        if sniff_image(decoded) is None:
             raise RequestRejected(_UNSUPPORTED_IMAGE, code="invalid_image_format")
 
     # -- model and budget --
@@ -814,16 +779,6 @@ class _RequestReader:
                 param="messages", code="context_length_exceeded")
 
 
-def _sniff_image(data: bytes) -> str | None:
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if data.startswith((b"GIF87a", b"GIF89a")):
-        return "gif"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return None
 
 
 # ---- answers -------------------------------------------------------------------------------
