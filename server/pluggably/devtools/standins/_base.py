@@ -19,6 +19,7 @@ drives it through the control endpoints under `/_standin/` (see `StandIn._contro
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import dataclasses
@@ -292,7 +293,7 @@ class SSEWriter:
             raise EndStream
 
 
-class StandIn:
+class StandIn(abc.ABC):
     """Base class: one aiohttp application on 127.0.0.1 imitating one provider's HTTP API.
 
     Subclasses add their routes in `routes()` and answer errors in the provider's format in
@@ -325,14 +326,16 @@ class StandIn:
 
     # ---- what subclasses provide ---------------------------------------------------------
 
+    @abc.abstractmethod
     def routes(self) -> Iterable[web.RouteDef]:
-        raise NotImplementedError
+        """The provider's endpoints."""
 
+    @abc.abstractmethod
     def error_response(
         self, status: int, message: str, *, error_type: str | None = None,
         retry_after: float | None = None,
     ) -> web.Response:
-        raise NotImplementedError
+        """An error in the provider's own body format (and retry hint)."""
 
     # ---- scripting -----------------------------------------------------------------------
 
