@@ -38,7 +38,14 @@ async def tiny_gateway(tiny_model_dir, config_for):
     from pluggably.server import GatewayServer
 
     config = config_for(
-        [{"name": "tiny", "path": str(tiny_model_dir), "max_concurrency": 2, "default_max_tokens": 16}],
+        [
+            {
+                "name": "tiny",
+                "path": str(tiny_model_dir),
+                "max_concurrency": 2,
+                "default_max_tokens": 16,
+            }
+        ],
         aliases={"tiny-alias": "local/tiny"},
     )
     server = GatewayServer(config)

@@ -63,9 +63,16 @@ class FakeBackend(Backend):
         self.closed = False
 
     async def list_models(self) -> list[ModelInfo]:
-        return [ModelInfo(provider=self.provider, name=n, modality=m, context_length=128,
-                          capabilities=self.capabilities)
-                for n, m in sorted(self.models.items())]
+        return [
+            ModelInfo(
+                provider=self.provider,
+                name=n,
+                modality=m,
+                context_length=128,
+                capabilities=self.capabilities,
+            )
+            for n, m in sorted(self.models.items())
+        ]
 
     def parameters(self, model: ModelInfo) -> list[ParameterSpec]:
         return parameters_for(model.modality, supported=self.supported, ranges=self.ranges)
@@ -92,13 +99,18 @@ class FakeBackend(Backend):
                 if self.delay_s:
                     await asyncio.sleep(self.delay_s)
                 if self.closed:  # like the local runner: shutdown ends the generation as CANCELLED
-                    yield DoneChunk(FinishReason.CANCELLED, Usage(prompt_tokens=3, completion_tokens=i))
+                    yield DoneChunk(
+                        FinishReason.CANCELLED, Usage(prompt_tokens=3, completion_tokens=i)
+                    )
                     return
                 yield TextChunk(word, (i,))
             for chunk in self.extra_chunks:
                 yield chunk
-            yield DoneChunk(self.finish, Usage(prompt_tokens=3, completion_tokens=len(self.words)),
-                            model_version=f"{request.model}-v1")
+            yield DoneChunk(
+                self.finish,
+                Usage(prompt_tokens=3, completion_tokens=len(self.words)),
+                model_version=f"{request.model}-v1",
+            )
         except (asyncio.CancelledError, GeneratorExit):
             self.cancelled.set()
             raise

@@ -22,11 +22,25 @@ from pluggably.devtools.standins.openai import OpenAIStandIn
 from pluggably.server import GatewayServer
 from pluggably.v1 import generate_service_pb2_grpc, model_service_pb2_grpc, stream_service_pb2_grpc
 
-KEYS = {"openai": "sk-test-openai-0123456789", "anthropic": "sk-ant-test-0123456789", "gemini": "AIzaTestGemini0123456789abcdef"}
-MODELS = {"openai": "gpt-4o-mini", "anthropic": "claude-sonnet-4-6", "gemini": "gemini-2.5-flash", "groq": "gpt-4o-mini"}
+KEYS = {
+    "openai": "sk-test-openai-0123456789",
+    "anthropic": "sk-ant-test-0123456789",
+    "gemini": "AIzaTestGemini0123456789abcdef",
+}
+MODELS = {
+    "openai": "gpt-4o-mini",
+    "anthropic": "claude-sonnet-4-6",
+    "gemini": "gemini-2.5-flash",
+    "groq": "gpt-4o-mini",
+}
 FAST = {
     "timeouts": {"connect_s": 2, "first_byte_s": 2, "idle_s": 2, "total_s": 10},
-    "retries": {"max_attempts": 3, "initial_backoff_s": 0.01, "max_backoff_s": 0.05, "max_retry_after_s": 2},
+    "retries": {
+        "max_attempts": 3,
+        "initial_backoff_s": 0.01,
+        "max_backoff_s": 0.05,
+        "max_retry_after_s": 2,
+    },
     "breaker": {"failure_threshold": 3, "open_s": 0.5},
 }
 
@@ -64,10 +78,22 @@ class ProviderStack:
 
 def provider_config(standins: dict[str, StandIn], **overrides: Any) -> dict[str, Any]:
     providers = {
-        "openai": {"base_url": standins["openai"].base_url + "/v1", "api_key": KEYS["openai"], **FAST},
-        "anthropic": {"base_url": standins["anthropic"].base_url + "/v1", "api_key": KEYS["anthropic"], **FAST},
+        "openai": {
+            "base_url": standins["openai"].base_url + "/v1",
+            "api_key": KEYS["openai"],
+            **FAST,
+        },
+        "anthropic": {
+            "base_url": standins["anthropic"].base_url + "/v1",
+            "api_key": KEYS["anthropic"],
+            **FAST,
+        },
         "gemini": {"base_url": standins["gemini"].base_url, "api_key": KEYS["gemini"], **FAST},
-        "groq": {"base_url": standins["openai"].base_url + "/v1", "api_key": KEYS["openai"], **FAST},
+        "groq": {
+            "base_url": standins["openai"].base_url + "/v1",
+            "api_key": KEYS["openai"],
+            **FAST,
+        },
     }
     for name, section in overrides.items():
         providers[name] = {**providers.get(name, {}), **section}
@@ -85,8 +111,11 @@ async def provider_stack(**config: Any) -> AsyncIterator[ProviderStack]:
         for standin in standins.values():
             await stack.enter_async_context(standin)
         providers = provider_config(standins, **config.pop("providers", {}))
-        data = {"server": {"host": "127.0.0.1", "port": 0, "grace_period_s": 1},
-                "providers": providers, **config}
+        data = {
+            "server": {"host": "127.0.0.1", "port": 0, "grace_period_s": 1},
+            "providers": providers,
+            **config,
+        }
         server = GatewayServer(Config.model_validate(data))
         await server.start()
         stack.push_async_callback(server.stop, 0)

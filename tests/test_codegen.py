@@ -17,7 +17,9 @@ PROTOS = sorted((REPO_ROOT / "proto" / "pluggably" / "v1").glob("*.proto"))
 def _buf(*args: str, **kwargs) -> subprocess.CompletedProcess[str]:
     if not BUF.exists():
         pytest.fail("buf is not installed: run `make install` (npm @bufbuild/buf)")
-    return subprocess.run([str(BUF), *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, **kwargs)
+    return subprocess.run(
+        [str(BUF), *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, **kwargs
+    )
 
 
 def test_buf_lint_and_format_are_clean() -> None:
@@ -29,35 +31,65 @@ def test_buf_lint_and_format_are_clean() -> None:
 
 def test_python_stubs_are_up_to_date(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", "-I", "proto", "-I", "third_party/googleapis",
-         f"--python_out={tmp_path}", f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}",
-         *(str(p.relative_to(REPO_ROOT)) for p in PROTOS)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-I",
+            "proto",
+            "-I",
+            "third_party/googleapis",
+            f"--python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
+            *(str(p.relative_to(REPO_ROOT)) for p in PROTOS),
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     generated = sorted(p.name for p in (tmp_path / "pluggably" / "v1").iterdir())
-    committed = sorted(p.name for p in (REPO_ROOT / "server" / "pluggably" / "v1").iterdir()
-                       if p.suffix in (".py", ".pyi") and p.name != "__init__.py")
+    committed = sorted(
+        p.name
+        for p in (REPO_ROOT / "server" / "pluggably" / "v1").iterdir()
+        if p.suffix in (".py", ".pyi") and p.name != "__init__.py"
+    )
     assert generated == committed
     _match, mismatch, errors = filecmp.cmpfiles(
-        tmp_path / "pluggably" / "v1", REPO_ROOT / "server" / "pluggably" / "v1", generated, shallow=False)
-    assert not mismatch and not errors, f"stale generated files (run `make generate`): {mismatch + errors}"
+        tmp_path / "pluggably" / "v1",
+        REPO_ROOT / "server" / "pluggably" / "v1",
+        generated,
+        shallow=False,
+    )
+    assert not mismatch and not errors, (
+        f"stale generated files (run `make generate`): {mismatch + errors}"
+    )
 
 
 def test_descriptor_set_is_up_to_date(tmp_path: Path) -> None:
     out = tmp_path / "pluggably.pb"
     result = _buf("build", "--as-file-descriptor-set", "-o", str(out))
     assert result.returncode == 0, result.stderr
-    assert out.read_bytes() == (REPO_ROOT / "envoy" / "pluggably.pb").read_bytes(), "run `make generate`"
+    assert out.read_bytes() == (REPO_ROOT / "envoy" / "pluggably.pb").read_bytes(), (
+        "run `make generate`"
+    )
 
 
 def test_descriptor_set_carries_what_envoy_needs() -> None:
     from google.protobuf import descriptor_pb2
 
-    fds = descriptor_pb2.FileDescriptorSet.FromString((REPO_ROOT / "envoy" / "pluggably.pb").read_bytes())
+    fds = descriptor_pb2.FileDescriptorSet.FromString(
+        (REPO_ROOT / "envoy" / "pluggably.pb").read_bytes()
+    )
     names = {f.name for f in fds.file}
     # Without these, error details reach REST clients as an empty body.
-    assert {"google/rpc/status.proto", "google/rpc/error_details.proto", "google/api/httpbody.proto"} <= names
+    assert {
+        "google/rpc/status.proto",
+        "google/rpc/error_details.proto",
+        "google/api/httpbody.proto",
+    } <= names
     ours = [f for f in fds.file if f.package == "pluggably.v1"]
     assert ours and all(f.source_code_info.location for f in ours)
 
@@ -80,14 +112,18 @@ def _messages(fds) -> dict[str, object]:
 
 
 def test_make_breaking_passes() -> None:
-    result = subprocess.run(["make", "-s", "breaking"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
+    result = subprocess.run(
+        ["make", "-s", "breaking"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=180
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_breaking_check_catches_a_breaking_change(tmp_path: Path) -> None:
     import shutil
 
-    shutil.copytree(REPO_ROOT / "proto", tmp_path / "proto", ignore=shutil.ignore_patterns("baseline"))
+    shutil.copytree(
+        REPO_ROOT / "proto", tmp_path / "proto", ignore=shutil.ignore_patterns("baseline")
+    )
     shutil.copytree(REPO_ROOT / "third_party", tmp_path / "third_party")
     shutil.copy(REPO_ROOT / "buf.yaml", tmp_path / "buf.yaml")
     generation = tmp_path / "proto" / "pluggably" / "v1" / "generation.proto"
@@ -97,8 +133,14 @@ def test_breaking_check_catches_a_breaking_change(tmp_path: Path) -> None:
     image = tmp_path / "contract.binpb"
     assert _buf("build", str(tmp_path), "--exclude-source-info", "-o", str(image)).returncode == 0
     for baseline in ("v1.binpb", "v1-foundation.binpb"):
-        result = _buf("breaking", str(image), "--against", str(BASELINE / baseline),
-                      "--config", '{"version":"v2","breaking":{"use":["WIRE_JSON"]}}')
+        result = _buf(
+            "breaking",
+            str(image),
+            "--against",
+            str(BASELINE / baseline),
+            "--config",
+            '{"version":"v2","breaking":{"use":["WIRE_JSON"]}}',
+        )
         assert result.returncode != 0 and "seed" in result.stdout, result.stdout + result.stderr
 
 

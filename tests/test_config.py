@@ -19,12 +19,15 @@ def test_embedded_defaults_serve_no_model() -> None:
 def test_demo_config_serves_the_tiny_model() -> None:
     config = load_config(REPO_ROOT / "examples" / "demo.yaml", environ={})
     assert [(m.name, str(m.path)) for m in config.local.models] == [
-        ("tiny-random-llama", "var/models/tiny-random-llama")]
+        ("tiny-random-llama", "var/models/tiny-random-llama")
+    ]
 
 
 def test_file_then_environment_override(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text("server:\n  port: 7000\n  grace_period_s: 3\naliases:\n  tiny: local/tiny-random-llama\n")
+    path.write_text(
+        "server:\n  port: 7000\n  grace_period_s: 3\naliases:\n  tiny: local/tiny-random-llama\n"
+    )
     config = load_config(path, environ={"PLUGGABLY_SERVER__PORT": "7001"})
     assert config.server.port == 7001 and config.server.grace_period_s == 3
     assert config.aliases == {"tiny": "local/tiny-random-llama"}
@@ -41,7 +44,10 @@ def test_environment_sets_lists(tmp_path: Path) -> None:
         ("server:\n  port: 70000\n", "server.port"),
         ("server:\n  prot: 1\n", "server.prot"),
         ("local:\n  models:\n    - {name: a, path: /x, device: tpu}\n", "local.models.0.device"),
-        ("local:\n  models:\n    - {name: a, path: /x}\n    - {name: a, path: /y}\n", "local.models"),
+        (
+            "local:\n  models:\n    - {name: a, path: /x}\n    - {name: a, path: /y}\n",
+            "local.models",
+        ),
         ("aliases:\n  t: no-provider\n", "aliases"),
         ("logging:\n  level: LOUD\n", "logging.level"),
     ],
@@ -65,7 +71,9 @@ def test_unreadable_or_malformed_file(tmp_path: Path) -> None:
 
 def test_environment_scalars_stay_strings_until_typed() -> None:
     # A value that YAML would turn into a number, bool or mapping stays the string it is.
-    config = load_config(environ={"PLUGGABLY_ALIASES": "{k: 'local/0x10'}", "PLUGGABLY_LOGGING__LEVEL": "DEBUG"})
+    config = load_config(
+        environ={"PLUGGABLY_ALIASES": "{k: 'local/0x10'}", "PLUGGABLY_LOGGING__LEVEL": "DEBUG"}
+    )
     assert config.aliases == {"k": "local/0x10"} and config.logging.level == "DEBUG"
     with pytest.raises(ConfigError, match=r"server\.port.*PLUGGABLY_SERVER__PORT"):
         load_config(environ={"PLUGGABLY_SERVER__PORT": "yes"})

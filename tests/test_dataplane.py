@@ -27,7 +27,9 @@ from pluggably.core.types import (
 from pluggably.generation.dataplane import Dataplane
 from pluggably.generation.router import Router
 
-FULL = Capabilities(tools=True, vision=True, json_object=True, json_schema=True, max_output_tokens=100)
+FULL = Capabilities(
+    tools=True, vision=True, json_object=True, json_schema=True, max_output_tokens=100
+)
 
 
 def dataplane(*backends: FakeBackend, **router_kwargs) -> Dataplane:
@@ -39,11 +41,15 @@ def chat(**kwargs) -> GenerationRequest:
     return GenerationRequest("req", "", messages=messages, **kwargs)
 
 
-async def run(plane: Dataplane, request: GenerationRequest, model: str, fallbacks=(), modality=None):
+async def run(
+    plane: Dataplane, request: GenerationRequest, model: str, fallbacks=(), modality=None
+):
     return [item async for item in await plane.generate(request, model, fallbacks, modality)]
 
 
-async def violations(plane: Dataplane, request: GenerationRequest, model: str, fallbacks=()) -> dict[str, str]:
+async def violations(
+    plane: Dataplane, request: GenerationRequest, model: str, fallbacks=()
+) -> dict[str, str]:
     with pytest.raises(InvalidArgument) as caught:
         await run(plane, request, model, fallbacks)
     return {v.field: v.description for v in caught.value.violations}
@@ -57,7 +63,9 @@ async def test_a_valid_request_runs() -> None:
 
 async def test_unsupported_parameters_are_rejected_not_dropped() -> None:
     backend = FakeBackend("p", supported=["max_tokens", "temperature"])
-    found = await violations(dataplane(backend), chat(text=TextParams(top_k=5, seed=1, temperature=1)), "p/echo")
+    found = await violations(
+        dataplane(backend), chat(text=TextParams(top_k=5, seed=1, temperature=1)), "p/echo"
+    )
     assert set(found) == {"text.top_k", "text.seed"}
     assert found["text.top_k"] == "not supported by model 'p/echo'"
     assert backend.requests == []  # rejected before the backend ran
@@ -74,17 +82,32 @@ async def test_model_specific_ranges() -> None:
 async def test_provider_options_rules() -> None:
     closed = FakeBackend("p")
     found = await violations(dataplane(closed), chat(provider_options={"logit_bias": {}}), "p/echo")
-    assert found == {"provider_options.logit_bias": "not supported by model 'p/echo' (accepted keys: none)"}
+    assert found == {
+        "provider_options.logit_bias": "not supported by model 'p/echo' (accepted keys: none)"
+    }
 
     typed = FakeBackend("p", options=ProviderOptionsPolicy(allowed={"ignore_eos": bool, "n": int}))
-    found = await violations(dataplane(typed), chat(provider_options={"ignore_eos": 1.0, "n": 1.5}), "p/echo")
-    assert found == {"provider_options.ignore_eos": "must be a boolean", "provider_options.n": "must be an integer"}
+    found = await violations(
+        dataplane(typed), chat(provider_options={"ignore_eos": 1.0, "n": 1.5}), "p/echo"
+    )
+    assert found == {
+        "provider_options.ignore_eos": "must be a boolean",
+        "provider_options.n": "must be an integer",
+    }
     await run(dataplane(typed), chat(provider_options={"ignore_eos": True, "n": 2.0}), "p/echo")
 
-    open_ = FakeBackend("p", options=ProviderOptionsPolicy(allowed=None, reserved=frozenset({"temperature"})))
-    found = await violations(dataplane(open_), chat(provider_options={"temperature": 2.0, "user": "u"}), "p/echo")
+    open_ = FakeBackend(
+        "p", options=ProviderOptionsPolicy(allowed=None, reserved=frozenset({"temperature"}))
+    )
+    found = await violations(
+        dataplane(open_), chat(provider_options={"temperature": 2.0, "user": "u"}), "p/echo"
+    )
     assert list(found) == ["provider_options.temperature"]
-    await run(dataplane(open_), chat(provider_options={"user": "u", "logit_bias": {"1": -100.0}}), "p/echo")
+    await run(
+        dataplane(open_),
+        chat(provider_options={"user": "u", "logit_bias": {"1": -100.0}}),
+        "p/echo",
+    )
 
 
 async def test_capabilities_are_enforced() -> None:
@@ -96,7 +119,9 @@ async def test_capabilities_are_enforced() -> None:
             ChatMessage("tool", "42", tool_call_id="c1"),
         ),
         tools=(FunctionTool("f"),),
-        text=TextParams(max_tokens=60, response_format=ResponseFormat(ResponseFormatType.JSON_SCHEMA, schema={})),
+        text=TextParams(
+            max_tokens=60, response_format=ResponseFormat(ResponseFormatType.JSON_SCHEMA, schema={})
+        ),
     )
     found = await violations(dataplane(bare), request, "p/echo")
     assert found == {
@@ -145,10 +170,14 @@ async def test_modality_must_match() -> None:
 async def test_config_fallbacks_apply_unless_the_request_names_its_own() -> None:
     a, b, c = FakeBackend("a"), FakeBackend("b"), FakeBackend("c")
     a.behaviours["echo"] = lambda _r: Unavailable("down")
-    plane = dataplane(a, b, c, aliases={"best": "a/echo"}, fallbacks={"best": ["b/echo"], "a/echo": ["c/echo"]})
+    plane = dataplane(
+        a, b, c, aliases={"best": "a/echo"}, fallbacks={"best": ["b/echo"], "a/echo": ["c/echo"]}
+    )
     assert {m for m, _ in await run(plane, chat(), "best")} == {"b/echo"}  # by the name used
     assert {m for m, _ in await run(plane, chat(), "a/echo")} == {"c/echo"}  # by the resolved id
-    assert {m for m, _ in await run(plane, chat(), "best", ["c/echo"])} == {"c/echo"}  # request wins
+    assert {m for m, _ in await run(plane, chat(), "best", ["c/echo"])} == {
+        "c/echo"
+    }  # request wins
 
 
 async def test_first_chunk_timeout_moves_on_and_stops_the_slow_model() -> None:

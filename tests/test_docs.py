@@ -29,7 +29,9 @@ def test_readme_config_blocks_validate(block: str, tmp_path: Path) -> None:
     load_config(path, environ={})
 
 
-@pytest.mark.parametrize("path", sorted((REPO_ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((REPO_ROOT / "examples").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_example_configs_validate(path: Path) -> None:
     load_config(path, environ={})
 

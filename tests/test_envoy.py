@@ -57,7 +57,11 @@ async def read_sse(response: aiohttp.ClientResponse) -> list[dict]:
         buffer += data
         while b"\n\n" in buffer:
             raw, buffer = buffer.split(b"\n\n", 1)
-            lines = [line[len(b"data:"):].strip() for line in raw.split(b"\n") if line.startswith(b"data:")]
+            lines = [
+                line[len(b"data:") :].strip()
+                for line in raw.split(b"\n")
+                if line.startswith(b"data:")
+            ]
             if lines:
                 events.append(json.loads(b"\n".join(lines)))
     assert not buffer.strip(), f"trailing partial event: {buffer!r}"
@@ -67,7 +71,10 @@ async def read_sse(response: aiohttp.ClientResponse) -> list[dict]:
 def test_shipped_config_validates() -> None:
     result = subprocess.run(
         [envoy_binary(), "--mode", "validate", "-c", str(SHIPPED_CONFIG)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK" in result.stdout + result.stderr
@@ -75,7 +82,9 @@ def test_shipped_config_validates() -> None:
 
 async def test_rest_unary_generate(tiny_envoy, http) -> None:
     body = {**TINY_CHAT, "text": {"maxTokens": 5, "seed": 3}}
-    async with http.post(f"{tiny_envoy.url}/v1/generate", json=body, headers={"x-request-id": "rest-1"}) as r:
+    async with http.post(
+        f"{tiny_envoy.url}/v1/generate", json=body, headers={"x-request-id": "rest-1"}
+    ) as r:
         assert r.status == 200, await r.text()
         assert r.headers["content-type"].startswith("application/json")
         assert r.headers["x-request-id"] == "rest-1"
@@ -117,7 +126,9 @@ async def test_sse_stream_is_incremental(fake_stack, http) -> None:
     try:
         loop = asyncio.get_running_loop()
         arrivals = []
-        async with http.post(f"{envoy.url}/v1/generate:stream", json={"model": "fake/echo", "prompt": "x"}) as r:
+        async with http.post(
+            f"{envoy.url}/v1/generate:stream", json={"model": "fake/echo", "prompt": "x"}
+        ) as r:
             async for _line in r.content:
                 if _line.startswith(b"data:"):
                     arrivals.append(loop.time())
@@ -144,12 +155,16 @@ async def test_max_tokens_above_the_model_limit_is_400(tiny_envoy, http) -> None
     async with http.post(f"{tiny_envoy.url}/v1/generate:stream", json=body) as r:
         assert r.status == 400
         status = await r.json()
-    violations = next(d for d in status["details"] if d["@type"].endswith("BadRequest"))["fieldViolations"]
+    violations = next(d for d in status["details"] if d["@type"].endswith("BadRequest"))[
+        "fieldViolations"
+    ]
     assert [v["field"] for v in violations] == ["text.max_tokens"]
 
 
 async def test_unknown_model_is_404_with_details(tiny_envoy, http) -> None:
-    async with http.post(f"{tiny_envoy.url}/v1/generate", json={"model": "local/nope", "prompt": "x"}) as r:
+    async with http.post(
+        f"{tiny_envoy.url}/v1/generate", json={"model": "local/nope", "prompt": "x"}
+    ) as r:
         assert r.status == 404
         status = await r.json()
     assert status["code"] == code_pb2.NOT_FOUND
@@ -174,8 +189,11 @@ async def test_unknown_method_is_404(tiny_envoy, http) -> None:
 
 
 async def test_malformed_json_is_400(tiny_envoy, http) -> None:
-    async with http.post(f"{tiny_envoy.url}/v1/generate", data=b"{not json",
-                         headers={"content-type": "application/json"}) as r:
+    async with http.post(
+        f"{tiny_envoy.url}/v1/generate",
+        data=b"{not json",
+        headers={"content-type": "application/json"},
+    ) as r:
         assert r.status == 400
 
 
@@ -199,13 +217,18 @@ async def test_models_over_rest(tiny_envoy, http) -> None:
     async with http.get(f"{tiny_envoy.url}/v1/models/local/tiny:parameters") as r:
         params = await r.json()
     assert params["model"] == "local/tiny"
-    assert {p["name"] for p in params["parameters"]} >= {"text.temperature", "text.max_tokens", "text.stop"}
+    assert {p["name"] for p in params["parameters"]} >= {
+        "text.temperature",
+        "text.max_tokens",
+        "text.stop",
+    }
 
 
 async def test_native_grpc_through_envoy(tiny_envoy) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{tiny_envoy.http_port}") as channel:
         response = await model_service_pb2_grpc.ModelServiceStub(channel).ListModels(
-            model_service_pb2.ListModelsRequest())
+            model_service_pb2.ListModelsRequest()
+        )
     assert [m.id for m in response.models] == ["local/tiny"]
 
 
@@ -213,12 +236,18 @@ async def test_mid_stream_error_ends_the_sse_stream_with_an_error_event(fake_sta
     backend, envoy = fake_stack
     backend.error_after["echo"] = (2, errors.Unavailable("backend went away"))
     try:
-        async with http.post(f"{envoy.url}/v1/generate:stream", json={"model": "fake/echo", "prompt": "x"}) as r:
+        async with http.post(
+            f"{envoy.url}/v1/generate:stream", json={"model": "fake/echo", "prompt": "x"}
+        ) as r:
             assert r.status == 200
             events = await read_sse(r)
     finally:
         backend.error_after.clear()
-    assert [next(iter(k for k in e if k not in ("id", "model"))) for e in events] == ["textDelta", "textDelta", "error"]
+    assert [next(iter(k for k in e if k not in ("id", "model"))) for e in events] == [
+        "textDelta",
+        "textDelta",
+        "error",
+    ]
     assert events[-1]["error"]["code"] == code_pb2.UNAVAILABLE
     assert events[-1]["error"]["message"] == "backend went away"
 
@@ -232,7 +261,8 @@ async def test_native_grpc_through_envoy_gets_errors_as_status(fake_stack) -> No
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{envoy.http_port}") as channel:
             call = stream_service_pb2_grpc.StreamServiceStub(channel).StreamGenerate(
-                generation_pb2.GenerateRequest(model="fake/echo", prompt="x"))
+                generation_pb2.GenerateRequest(model="fake/echo", prompt="x")
+            )
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 [c async for c in call]
     finally:
@@ -246,7 +276,9 @@ async def test_client_disconnect_cancels_the_generation(fake_stack, http) -> Non
     backend.delay_s = 0.05
     backend.cancelled.clear()
     try:
-        async with http.post(f"{envoy.url}/v1/generate:stream", json={"model": "fake/echo", "prompt": "x"}) as r:
+        async with http.post(
+            f"{envoy.url}/v1/generate:stream", json={"model": "fake/echo", "prompt": "x"}
+        ) as r:
             await r.content.readline()
             r.close()
         await asyncio.wait_for(backend.cancelled.wait(), 5)
@@ -256,7 +288,9 @@ async def test_client_disconnect_cancels_the_generation(fake_stack, http) -> Non
 
 
 def _http_rules():
-    fds = descriptor_pb2.FileDescriptorSet.FromString((REPO_ROOT / "envoy" / "pluggably.pb").read_bytes())
+    fds = descriptor_pb2.FileDescriptorSet.FromString(
+        (REPO_ROOT / "envoy" / "pluggably.pb").read_bytes()
+    )
     for file in fds.file:
         if not file.package.startswith("pluggably."):
             continue
@@ -268,7 +302,9 @@ def _http_rules():
 
 
 @pytest.mark.parametrize(("method", "verb", "template"), list(_http_rules()), ids=lambda v: str(v))
-async def test_every_http_mapping_reaches_the_server(fake_stack, http, method, verb, template) -> None:
+async def test_every_http_mapping_reaches_the_server(
+    fake_stack, http, method, verb, template
+) -> None:
     _backend, envoy = fake_stack
     path = re.sub(r"\{(\w+)(=[^}]*)?\}", lambda m: "fake/echo" if m.group(2) else "abc", template)
     body = {"model": "fake/echo", "prompt": "x"} if "Generate" in method else {}
@@ -285,8 +321,11 @@ async def test_every_http_mapping_reaches_the_server(fake_stack, http, method, v
 
 
 async def test_rest_errors_carry_the_request_id(tiny_envoy, http) -> None:
-    async with http.post(f"{tiny_envoy.url}/v1/generate:stream", json={"model": "local/nope", "prompt": "x"},
-                         headers={"x-request-id": "err-7"}) as r:
+    async with http.post(
+        f"{tiny_envoy.url}/v1/generate:stream",
+        json={"model": "local/nope", "prompt": "x"},
+        headers={"x-request-id": "err-7"},
+    ) as r:
         assert r.status == 404
         assert r.headers["x-request-id"] == "err-7"
         info = next(d for d in (await r.json())["details"] if d["@type"].endswith("ErrorInfo"))

@@ -25,13 +25,30 @@ SECRET = "sk-live-do-not-leak-123"
 
 # One instance per row of STATUS_TABLE, with the code it must map to.
 ROWS = {
-    errors.InvalidArgument: (errors.InvalidArgument([errors.FieldViolation("text.top_k", "bad")]), grpc.StatusCode.INVALID_ARGUMENT),
+    errors.InvalidArgument: (
+        errors.InvalidArgument([errors.FieldViolation("text.top_k", "bad")]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
     errors.NotFound: (errors.ModelNotFound("fake/gone"), grpc.StatusCode.NOT_FOUND),
-    errors.FailedPrecondition: (errors.FailedPrecondition("model cannot load", reason="MODEL_LOAD_FAILED"), grpc.StatusCode.FAILED_PRECONDITION),
-    errors.ResourceExhausted: (errors.ResourceExhausted("queue full", subject="fake/echo", retry_after_s=1.5, reason="MODEL_QUEUE_FULL"), grpc.StatusCode.RESOURCE_EXHAUSTED),
-    errors.Unavailable: (errors.Unavailable("backend down", retry_after_s=2.0), grpc.StatusCode.UNAVAILABLE),
+    errors.FailedPrecondition: (
+        errors.FailedPrecondition("model cannot load", reason="MODEL_LOAD_FAILED"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    ),
+    errors.ResourceExhausted: (
+        errors.ResourceExhausted(
+            "queue full", subject="fake/echo", retry_after_s=1.5, reason="MODEL_QUEUE_FULL"
+        ),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ),
+    errors.Unavailable: (
+        errors.Unavailable("backend down", retry_after_s=2.0),
+        grpc.StatusCode.UNAVAILABLE,
+    ),
     errors.Unimplemented: (errors.Unimplemented("not yet"), grpc.StatusCode.UNIMPLEMENTED),
-    errors.DeadlineExceeded: (errors.DeadlineExceeded("too slow"), grpc.StatusCode.DEADLINE_EXCEEDED),
+    errors.DeadlineExceeded: (
+        errors.DeadlineExceeded("too slow"),
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    ),
     errors.Cancelled: (errors.Cancelled("upstream cancelled"), grpc.StatusCode.CANCELLED),
 }
 
@@ -72,11 +89,18 @@ async def test_mapping_row(fake, cls, rpc) -> None:
         if rpc == "unary":
             await generate_service_pb2_grpc.GenerateServiceStub(channel).Generate(_request())
         else:
-            [c async for c in stream_service_pb2_grpc.StreamServiceStub(channel).StreamGenerate(_request())]
+            [
+                c
+                async for c in stream_service_pb2_grpc.StreamServiceStub(channel).StreamGenerate(
+                    _request()
+                )
+            ]
     err = rich_error(caught.value)
     assert err.code == code
     assert err.message == exc.message
-    assert err.info is not None and err.info.reason == exc.reason and err.info.domain == ERROR_DOMAIN
+    assert (
+        err.info is not None and err.info.reason == exc.reason and err.info.domain == ERROR_DOMAIN
+    )
     assert err.info.metadata["request_id"]
     if cls is errors.InvalidArgument:
         assert err.fields == ["text.top_k"]
@@ -96,9 +120,16 @@ async def test_unexpected_error_is_internal_without_its_text(fake, rpc, caplog) 
     metadata = (("x-request-id", f"req-{rpc}-42"),)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         if rpc == "unary":
-            await generate_service_pb2_grpc.GenerateServiceStub(channel).Generate(_request(), metadata=metadata)
+            await generate_service_pb2_grpc.GenerateServiceStub(channel).Generate(
+                _request(), metadata=metadata
+            )
         else:
-            [c async for c in stream_service_pb2_grpc.StreamServiceStub(channel).StreamGenerate(_request(), metadata=metadata)]
+            [
+                c
+                async for c in stream_service_pb2_grpc.StreamServiceStub(channel).StreamGenerate(
+                    _request(), metadata=metadata
+                )
+            ]
     err = rich_error(caught.value)
     assert err.code == grpc.StatusCode.INTERNAL
     assert SECRET not in str(err.status) and "upstream" not in err.message
@@ -111,7 +142,9 @@ async def test_error_mid_stream_is_the_call_status_for_grpc_clients(fake) -> Non
     backend.error_after["echo"] = (2, errors.Unavailable("backend went away"))
     received = []
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        async for chunk in stream_service_pb2_grpc.StreamServiceStub(channel).StreamGenerate(_request()):
+        async for chunk in stream_service_pb2_grpc.StreamServiceStub(channel).StreamGenerate(
+            _request()
+        ):
             received.append(chunk)
     assert [c.text_delta.text for c in received] == ["hello", " "]
     assert rich_error(caught.value).code == grpc.StatusCode.UNAVAILABLE
@@ -121,24 +154,31 @@ async def test_error_mid_stream_is_a_final_event_when_asked_inline(fake) -> None
     backend, channel = fake
     backend.error_after["echo"] = (2, errors.Unavailable("backend went away"))
     call = stream_service_pb2_grpc.StreamServiceStub(channel).StreamGenerate(
-        _request(), metadata=(("x-pluggably-stream-errors", "inline"),))
+        _request(), metadata=(("x-pluggably-stream-errors", "inline"),)
+    )
     chunks = [c async for c in call]
     assert await call.code() == grpc.StatusCode.OK
     assert [c.WhichOneof("event") for c in chunks] == ["text_delta", "text_delta", "error"]
     final = chunks[-1]
-    assert final.id == chunks[0].id and final.model == "fake/echo" and final.error.code == code_pb2.UNAVAILABLE
+    assert (
+        final.id == chunks[0].id
+        and final.model == "fake/echo"
+        and final.error.code == code_pb2.UNAVAILABLE
+    )
     assert final.error.message == "backend went away"
 
 
 async def test_request_id_is_echoed_in_header_and_response(fake) -> None:
     _backend, channel = fake
     call = generate_service_pb2_grpc.GenerateServiceStub(channel).Generate(
-        _request(), metadata=(("x-request-id", "abc-123"),))
+        _request(), metadata=(("x-request-id", "abc-123"),)
+    )
     response = await call
     assert response.id == "abc-123"
     assert ("x-request-id", "abc-123") in tuple(await call.initial_metadata())
     generated = await generate_service_pb2_grpc.GenerateServiceStub(channel).Generate(
-        _request(), metadata=(("x-request-id", "bad id with spaces"),))
+        _request(), metadata=(("x-request-id", "bad id with spaces"),)
+    )
     assert generated.id and generated.id != "bad id with spaces"
 
 
@@ -151,7 +191,10 @@ async def test_request_id_is_echoed_in_header_and_response(fake) -> None:
         ({"text": {"top_k": 0, "max_tokens": 0}}, ["text.max_tokens", "text.top_k"]),
         ({"text": {"temperature": float("nan")}}, ["text.temperature"]),
         ({"text": {"stop": ["", "x" * 300]}}, ["text.stop[0]", "text.stop[1]"]),
-        ({"text": {"presence_penalty": 3, "repetition_penalty": 0}}, ["text.repetition_penalty", "text.presence_penalty"]),
+        (
+            {"text": {"presence_penalty": 3, "repetition_penalty": 0}},
+            ["text.repetition_penalty", "text.presence_penalty"],
+        ),
     ],
 )
 async def test_bad_parameters_name_each_field(fake, request_kwargs, fields) -> None:
@@ -170,17 +213,32 @@ async def test_bad_parameters_name_each_field(fake, request_kwargs, fields) -> N
     [
         ({"model": "fake/echo"}, ["messages"]),
         ({"model": "", "prompt": "x"}, ["model"]),
-        ({"model": "fake/echo", "prompt": "x", "messages": [{"role": "user", "content": "y"}]}, ["prompt"]),
-        ({"model": "fake/echo", "messages": [{"role": "wizard", "content": "y"}, {"role": "user", "content": ""}]},
-         ["messages[0].role", "messages[1].content"]),
-        ({"model": "fake/echo", "prompt": "x", "fallback_models": ["fake/echo"] * 9}, ["fallback_models"]),
+        (
+            {"model": "fake/echo", "prompt": "x", "messages": [{"role": "user", "content": "y"}]},
+            ["prompt"],
+        ),
+        (
+            {
+                "model": "fake/echo",
+                "messages": [{"role": "wizard", "content": "y"}, {"role": "user", "content": ""}],
+            },
+            ["messages[0].role", "messages[1].content"],
+        ),
+        (
+            {"model": "fake/echo", "prompt": "x", "fallback_models": ["fake/echo"] * 9},
+            ["fallback_models"],
+        ),
     ],
 )
 async def test_bad_request_shape_names_each_field(fake, request_kwargs, fields) -> None:
     _backend, channel = fake
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        [c async for c in stream_service_pb2_grpc.StreamServiceStub(channel).StreamGenerate(
-            generation_pb2.GenerateRequest(**request_kwargs))]
+        [
+            c
+            async for c in stream_service_pb2_grpc.StreamServiceStub(channel).StreamGenerate(
+                generation_pb2.GenerateRequest(**request_kwargs)
+            )
+        ]
     err = rich_error(caught.value)
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT
     assert err.fields == fields
@@ -207,24 +265,32 @@ async def test_options_of_the_wrong_modality_are_rejected(fake) -> None:
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT and err.fields == ["model"]
 
 
-@pytest.mark.parametrize("failure", [
-    errors.Unavailable("down"),
-    errors.ResourceExhausted("full", subject="fake/echo"),
-    errors.FailedPrecondition("cannot load"),
-])
+@pytest.mark.parametrize(
+    "failure",
+    [
+        errors.Unavailable("down"),
+        errors.ResourceExhausted("full", subject="fake/echo"),
+        errors.FailedPrecondition("cannot load"),
+    ],
+)
 async def test_fallback_serves_when_the_primary_fails_before_output(fake, failure) -> None:
     backend, channel = fake
     backend.behaviours["echo"] = lambda _req: failure
     response = await generate_service_pb2_grpc.GenerateServiceStub(channel).Generate(
-        _request(fallback_models=["fake/other"]))
+        _request(fallback_models=["fake/other"])
+    )
     assert response.model == "fake/other" and response.text == "hello world"
 
 
 async def test_no_fallback_for_errors_of_the_request_itself(fake) -> None:
     backend, channel = fake
-    backend.behaviours["echo"] = lambda _req: errors.InvalidArgument([errors.FieldViolation("text.max_tokens", "too big")])
+    backend.behaviours["echo"] = lambda _req: errors.InvalidArgument(
+        [errors.FieldViolation("text.max_tokens", "too big")]
+    )
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await generate_service_pb2_grpc.GenerateServiceStub(channel).Generate(_request(fallback_models=["fake/other"]))
+        await generate_service_pb2_grpc.GenerateServiceStub(channel).Generate(
+            _request(fallback_models=["fake/other"])
+        )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert [r.model for r in backend.requests[-1:]] == ["echo"]
 
@@ -234,7 +300,9 @@ async def test_last_fallback_error_is_reported_when_all_fail(fake) -> None:
     backend.behaviours["echo"] = lambda _req: errors.Unavailable("first down")
     backend.behaviours["other"] = lambda _req: errors.Unavailable("second down")
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await generate_service_pb2_grpc.GenerateServiceStub(channel).Generate(_request(fallback_models=["fake/other"]))
+        await generate_service_pb2_grpc.GenerateServiceStub(channel).Generate(
+            _request(fallback_models=["fake/other"])
+        )
     err = rich_error(caught.value)
     assert err.code == grpc.StatusCode.UNAVAILABLE
     # The client asked for fake/echo: the message says what it and the fallback answered.
@@ -246,10 +314,13 @@ async def test_unimplemented_rpcs_say_so(fake) -> None:
     _backend, channel = fake
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await model_service_pb2_grpc.ModelServiceStub(channel).DownloadModel(
-            model_service_pb2.DownloadModelRequest(repo_id="org/model"))
+            model_service_pb2.DownloadModelRequest(repo_id="org/model")
+        )
     err = rich_error(caught.value)
     assert err.code == grpc.StatusCode.UNIMPLEMENTED
-    assert "not implemented by this server yet" in err.message and err.info.reason == "NOT_IMPLEMENTED"
+    assert (
+        "not implemented by this server yet" in err.message and err.info.reason == "NOT_IMPLEMENTED"
+    )
 
 
 @pytest.mark.parametrize("with_options", [False, True])
@@ -258,7 +329,8 @@ async def test_unknown_fallback_is_rejected_up_front(fake, with_options) -> None
     options = {"text": generation_pb2.TextOptions(max_tokens=3)} if with_options else {}
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await generate_service_pb2_grpc.GenerateServiceStub(channel).Generate(
-            _request(fallback_models=["fake/other", "fake/nope"], **options))
+            _request(fallback_models=["fake/other", "fake/nope"], **options)
+        )
     err = rich_error(caught.value)
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT and err.fields == ["fallback_models[1]"]
 
@@ -274,15 +346,22 @@ async def test_unexpected_failure_before_output_falls_back_else_is_internal(fake
     assert caught.value.code() == grpc.StatusCode.INTERNAL and SECRET not in caught.value.details()
 
 
-@pytest.mark.parametrize("method", ["/pluggably.v1.GenerateService/Generate", "/pluggably.v1.StreamService/StreamGenerate"])
+@pytest.mark.parametrize(
+    "method",
+    ["/pluggably.v1.GenerateService/Generate", "/pluggably.v1.StreamService/StreamGenerate"],
+)
 async def test_undecodable_request_is_invalid_argument(fake, method) -> None:
     _backend, channel = fake
     malformed = b"\x0a\x07local/\xff\x22\x02hi"  # field 1 (model) with invalid UTF-8
     if method.endswith("StreamGenerate"):
-        call = channel.unary_stream(method, request_serializer=None, response_deserializer=None)(malformed)
+        call = channel.unary_stream(method, request_serializer=None, response_deserializer=None)(
+            malformed
+        )
         receive = call.read()
     else:
-        receive = channel.unary_unary(method, request_serializer=None, response_deserializer=None)(malformed)
+        receive = channel.unary_unary(method, request_serializer=None, response_deserializer=None)(
+            malformed
+        )
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await receive
     err = rich_error(caught.value)

@@ -12,11 +12,16 @@ from helpers import rich_error
 from pluggably.v1 import generate_service_pb2_grpc, generation_pb2, stream_service_pb2_grpc
 
 Message = generation_pb2.ChatMessage
-CHAT = [Message(role="system", content="You are terse."), Message(role="user", content="Say something.")]
+CHAT = [
+    Message(role="system", content="You are terse."),
+    Message(role="user", content="Say something."),
+]
 
 
 def chat_request(model: str = "local/tiny", **text) -> generation_pb2.GenerateRequest:
-    return generation_pb2.GenerateRequest(model=model, messages=CHAT, text=generation_pb2.TextOptions(**text))
+    return generation_pb2.GenerateRequest(
+        model=model, messages=CHAT, text=generation_pb2.TextOptions(**text)
+    )
 
 
 def no_eos(request: generation_pb2.GenerateRequest) -> generation_pb2.GenerateRequest:
@@ -51,8 +56,13 @@ async def test_default_max_tokens_comes_from_config(generate) -> None:
 
 async def test_plain_prompt_without_chat_template(generate) -> None:
     chat = await generate(no_eos(chat_request(max_tokens=3, seed=3)))
-    request = no_eos(generation_pb2.GenerateRequest(model="local/tiny", prompt="Say something.",
-                                                     text=generation_pb2.TextOptions(max_tokens=3, seed=3)))
+    request = no_eos(
+        generation_pb2.GenerateRequest(
+            model="local/tiny",
+            prompt="Say something.",
+            text=generation_pb2.TextOptions(max_tokens=3, seed=3),
+        )
+    )
     plain = await generate(request)
     assert plain.usage.completion_tokens == 3
     assert plain.usage.prompt_tokens < chat.usage.prompt_tokens  # no template around it
@@ -97,14 +107,20 @@ async def test_stop_sequence_ends_generation_and_is_not_returned(generate) -> No
     base = await generate(no_eos(chat_request(max_tokens=60, seed=8, temperature=0.8)))
     text = base.text
     # A short stop sequence taken from the middle of the text, free of replacement characters.
-    start = next(i for i in range(len(text) // 3, len(text) - 3) if "\ufffd" not in text[i:i + 3] and text[i:i + 3].strip())
-    stop = text[start:start + 3]
-    stopped = await generate(no_eos(chat_request(max_tokens=60, seed=8, temperature=0.8, stop=[stop])))
+    start = next(
+        i
+        for i in range(len(text) // 3, len(text) - 3)
+        if "\ufffd" not in text[i : i + 3] and text[i : i + 3].strip()
+    )
+    stop = text[start : start + 3]
+    stopped = await generate(
+        no_eos(chat_request(max_tokens=60, seed=8, temperature=0.8, stop=[stop]))
+    )
     assert stopped.finish_reason == generation_pb2.FINISH_REASON_STOP
     assert stopped.stop_sequence == stop
-    assert stopped.text == text[:text.index(stop)]
+    assert stopped.text == text[: text.index(stop)]
     assert stopped.usage.completion_tokens < base.usage.completion_tokens
-    assert list(stopped.token_ids) == list(base.token_ids[:len(stopped.token_ids)])
+    assert list(stopped.token_ids) == list(base.token_ids[: len(stopped.token_ids)])
 
 
 async def test_end_of_sequence_finishes_with_stop(generate) -> None:
@@ -184,7 +200,9 @@ async def test_unary_deadline_stops_the_generation(tiny_gateway, generate) -> No
 async def test_cancel_while_queued_frees_the_queue_slot(tiny_model_dir, config_for) -> None:
     from pluggably.server import GatewayServer
 
-    config = config_for([{"name": "one", "path": str(tiny_model_dir), "max_concurrency": 1, "max_queue": 1}])
+    config = config_for(
+        [{"name": "one", "path": str(tiny_model_dir), "max_concurrency": 1, "max_queue": 1}]
+    )
     server = GatewayServer(config)
     await server.start()
     try:

@@ -44,8 +44,13 @@ async def test_hosted_only_gateway_never_imports_local_runner_libraries() -> Non
 
     async with OpenAIStandIn(api_key="sk-test-hosted-only") as standin:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", SCRIPT, standin.base_url + "/v1",
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            sys.executable,
+            "-c",
+            SCRIPT,
+            standin.base_url + "/v1",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         output, _ = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode == 0, output.decode()
     assert b"heavy modules: []" in output

@@ -27,16 +27,20 @@ def _env(**extra: str) -> dict[str, str]:
 def server_config(tmp_path, tiny_model_dir):
     port = free_port()
     path = tmp_path / "config.yaml"
-    path.write_text(textwrap.dedent(f"""
+    path.write_text(
+        textwrap.dedent(f"""
         server: {{host: 127.0.0.1, port: {port}, grace_period_s: 20}}
         local:
           models:
             - {{name: tiny, path: "{tiny_model_dir}", default_max_tokens: 16}}
-    """))
+    """)
+    )
     return path, port
 
 
-async def _wait_serving(port: int, process: asyncio.subprocess.Process, timeout: float = 30) -> None:
+async def _wait_serving(
+    port: int, process: asyncio.subprocess.Process, timeout: float = 30
+) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -55,8 +59,14 @@ async def _wait_serving(port: int, process: asyncio.subprocess.Process, timeout:
 async def test_sigterm_drains_in_flight_streams_and_reports_not_serving(server_config) -> None:
     config, port = server_config
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "pluggably", "--config", str(config),
-        env=_env(), cwd=REPO_ROOT, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "pluggably",
+        "--config",
+        str(config),
+        env=_env(),
+        cwd=REPO_ROOT,
+        stderr=asyncio.subprocess.PIPE,
     )
     try:
         await _wait_serving(port, process)
@@ -65,8 +75,10 @@ async def test_sigterm_drains_in_flight_streams_and_reports_not_serving(server_c
             assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
 
             request = generation_pb2.GenerateRequest(
-                model="local/tiny", prompt="Once upon a time",
-                text=generation_pb2.TextOptions(max_tokens=300, seed=1, temperature=1.0))
+                model="local/tiny",
+                prompt="Once upon a time",
+                text=generation_pb2.TextOptions(max_tokens=300, seed=1, temperature=1.0),
+            )
             stream = stream_service_pb2_grpc.StreamServiceStub(channel).StreamGenerate(request)
             first = await stream.read()
             assert first.WhichOneof("event") == "text_delta"
@@ -79,7 +91,9 @@ async def test_sigterm_drains_in_flight_streams_and_reports_not_serving(server_c
                 chunks.append(chunk)
             assert await stream.code() == grpc.StatusCode.OK
             assert chunks[-1].WhichOneof("event") == "done"
-            assert chunks[-1].done.usage.completion_tokens == sum(len(c.text_delta.token_ids) for c in chunks[:-1])
+            assert chunks[-1].done.usage.completion_tokens == sum(
+                len(c.text_delta.token_ids) for c in chunks[:-1]
+            )
         assert await asyncio.wait_for(process.wait(), 30) == 0
     finally:
         if process.returncode is None:
@@ -104,7 +118,13 @@ async def test_startup_defers_heavy_imports(server_config) -> None:
         asyncio.run(main())
     """)
     result = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-c", probe], env=_env(), capture_output=True, text=True, timeout=60)
+        subprocess.run,
+        [sys.executable, "-c", probe],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "heavy: []"
 
@@ -119,8 +139,12 @@ async def test_startup_defers_heavy_imports(server_config) -> None:
 )
 def test_bad_config_fails_at_start_naming_the_field(env, expected) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "pluggably"], env=_env(**env), cwd=REPO_ROOT,
-        capture_output=True, text=True, timeout=60,
+        [sys.executable, "-m", "pluggably"],
+        env=_env(**env),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2
     assert expected in result.stderr and "environment variable" in result.stderr
@@ -144,7 +168,9 @@ async def test_streams_cut_by_shutdown_still_end_with_a_final_chunk(config_for) 
         stopping = asyncio.create_task(server.stop(grace=0.3))
         await asyncio.sleep(0.05)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await stub.StreamGenerate(generation_pb2.GenerateRequest(model="fake/echo", prompt="x")).read()
+            await stub.StreamGenerate(
+                generation_pb2.GenerateRequest(model="fake/echo", prompt="x")
+            ).read()
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         while (chunk := await call.read()) is not grpc.aio.EOF:
             chunks.append(chunk)
@@ -163,8 +189,12 @@ def test_port_in_use_fails_naming_the_setting() -> None:
         taken.listen()
         port = taken.getsockname()[1]
         result = subprocess.run(
-            [sys.executable, "-m", "pluggably"], env=_env(PLUGGABLY_SERVER__PORT=str(port)), cwd=REPO_ROOT,
-            capture_output=True, text=True, timeout=60,
+            [sys.executable, "-m", "pluggably"],
+            env=_env(PLUGGABLY_SERVER__PORT=str(port)),
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
     assert result.returncode == 1
     assert "server.port" in result.stderr and "Traceback" not in result.stderr

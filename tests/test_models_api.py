@@ -34,7 +34,9 @@ async def test_list_all_sorted(stub) -> None:
 async def test_pagination_walks_every_model_once(stub) -> None:
     seen, token, pages = [], "", 0
     while True:
-        page = await stub.ListModels(model_service_pb2.ListModelsRequest(page_size=4, page_token=token))
+        page = await stub.ListModels(
+            model_service_pb2.ListModelsRequest(page_size=4, page_token=token)
+        )
         seen += [m.id for m in page.models]
         pages += 1
         token = page.next_page_token
@@ -46,13 +48,19 @@ async def test_pagination_walks_every_model_once(stub) -> None:
 async def test_filters(stub) -> None:
     only_beta = await stub.ListModels(model_service_pb2.ListModelsRequest(provider="beta"))
     assert [m.id for m in only_beta.models] == ["beta/solo"]
-    images = await stub.ListModels(model_service_pb2.ListModelsRequest(modality=model_pb2.MODALITY_IMAGE))
+    images = await stub.ListModels(
+        model_service_pb2.ListModelsRequest(modality=model_pb2.MODALITY_IMAGE)
+    )
     assert [m.id for m in images.models] == ["alpha/painter"]
 
 
 @pytest.mark.parametrize(
     ("request_kwargs", "field"),
-    [({"page_size": -1}, "page_size"), ({"page_size": 1001}, "page_size"), ({"page_token": "garbage!"}, "page_token")],
+    [
+        ({"page_size": -1}, "page_size"),
+        ({"page_size": 1001}, "page_size"),
+        ({"page_token": "garbage!"}, "page_token"),
+    ],
 )
 async def test_bad_list_requests(stub, request_kwargs, field) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -64,7 +72,11 @@ async def test_bad_list_requests(stub, request_kwargs, field) -> None:
 async def test_page_token_is_bound_to_its_filters(stub) -> None:
     page = await stub.ListModels(model_service_pb2.ListModelsRequest(page_size=2))
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.ListModels(model_service_pb2.ListModelsRequest(page_size=2, page_token=page.next_page_token, provider="beta"))
+        await stub.ListModels(
+            model_service_pb2.ListModelsRequest(
+                page_size=2, page_token=page.next_page_token, provider="beta"
+            )
+        )
     assert rich_error(caught.value).fields == ["page_token"]
 
 
@@ -72,7 +84,11 @@ async def test_get_model_by_id_and_alias(stub) -> None:
     by_alias = await stub.GetModel(model_service_pb2.GetModelRequest(id="fav"))
     assert by_alias.id == "alpha/m03" and list(by_alias.aliases) == ["fav"]
     model = await stub.GetModel(model_service_pb2.GetModelRequest(id="beta/solo"))
-    assert model.provider == "beta" and model.name == "solo" and model.modality == model_pb2.MODALITY_TEXT
+    assert (
+        model.provider == "beta"
+        and model.name == "solo"
+        and model.modality == model_pb2.MODALITY_TEXT
+    )
     assert model.state == model_pb2.MODEL_STATE_AVAILABLE
     for missing in ("alpha/none", "gamma/x"):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -88,7 +104,9 @@ async def test_parameters_document_ranges(stub) -> None:
     assert response.model == "alpha/m03"
     by_name = {p.name: p for p in response.parameters}
     top_p = by_name["text.top_p"]
-    assert top_p.type == model_pb2.PARAMETER_TYPE_NUMBER and top_p.maximum == 1 and top_p.minimum == 0
+    assert (
+        top_p.type == model_pb2.PARAMETER_TYPE_NUMBER and top_p.maximum == 1 and top_p.minimum == 0
+    )
     assert top_p.exclusive_minimum and top_p.default_value.number_value == 1
     assert by_name["text.seed"].default_value.WhichOneof("kind") == "null_value"
     assert by_name["text.stop"].type == model_pb2.PARAMETER_TYPE_STRING_LIST

@@ -17,12 +17,26 @@ from providers_util import KEYS, MODELS, provider_stack
 
 PROVIDERS = ["openai", "anthropic", "gemini"]
 PNG = base64.b64decode(
-    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
-WEATHER = P.Tool(function=P.FunctionDeclaration(
-    name="get_weather", description="Current weather for a city",
-    parameters=json_format.ParseDict(
-        {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}},
-         "required": ["city", "unit"], "additionalProperties": False}, struct_pb2.Struct())))
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+)
+WEATHER = P.Tool(
+    function=P.FunctionDeclaration(
+        name="get_weather",
+        description="Current weather for a city",
+        parameters=json_format.ParseDict(
+            {
+                "type": "object",
+                "properties": {
+                    "city": {"type": "string"},
+                    "unit": {"type": "string", "enum": ["c", "f"]},
+                },
+                "required": ["city", "unit"],
+                "additionalProperties": False,
+            },
+            struct_pb2.Struct(),
+        ),
+    )
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +54,9 @@ def gw(stack):
 def chat(provider: str, *messages: P.ChatMessage, **kwargs) -> P.GenerateRequest:
     if not messages:
         messages = (P.ChatMessage(role="user", content="Tell me about lighthouses"),)
-    return P.GenerateRequest(model=f"{provider}/{MODELS[provider]}", messages=list(messages), **kwargs)
+    return P.GenerateRequest(
+        model=f"{provider}/{MODELS[provider]}", messages=list(messages), **kwargs
+    )
 
 
 async def run(gw, request: P.GenerateRequest, streaming: bool) -> dict:
@@ -48,9 +64,14 @@ async def run(gw, request: P.GenerateRequest, streaming: bool) -> dict:
     if not streaming:
         response = await gw.generate(request)
         return {
-            "text": response.text, "finish": response.finish_reason, "usage": response.usage,
-            "model": response.model, "version": response.model_version, "stop": response.stop_sequence,
-            "calls": [(c.id, c.name, c.arguments) for c in response.tool_calls], "chunks": 1,
+            "text": response.text,
+            "finish": response.finish_reason,
+            "usage": response.usage,
+            "model": response.model,
+            "version": response.model_version,
+            "stop": response.stop_sequence,
+            "calls": [(c.id, c.name, c.arguments) for c in response.tool_calls],
+            "chunks": 1,
         }
     chunks = [c async for c in gw.stream(request)]
     assert chunks[-1].WhichOneof("event") == "done", chunks[-1]
@@ -65,9 +86,13 @@ async def run(gw, request: P.GenerateRequest, streaming: bool) -> dict:
     done = chunks[-1].done
     return {
         "text": "".join(c.text_delta.text for c in chunks if c.WhichOneof("event") == "text_delta"),
-        "finish": done.finish_reason, "usage": done.usage, "model": chunks[-1].model,
-        "version": done.model_version, "stop": done.stop_sequence,
-        "calls": [tuple(calls[i]) for i in sorted(calls)], "chunks": len(chunks),
+        "finish": done.finish_reason,
+        "usage": done.usage,
+        "model": chunks[-1].model,
+        "version": done.model_version,
+        "stop": done.stop_sequence,
+        "calls": [tuple(calls[i]) for i in sorted(calls)],
+        "chunks": len(chunks),
     }
 
 
@@ -81,9 +106,12 @@ def sent(gw, provider: str) -> dict:
 @pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
 @pytest.mark.parametrize("provider", PROVIDERS)
 async def test_text(gw, provider, streaming) -> None:
-    request = chat(provider, P.ChatMessage(role="system", content="Be brief."),
-                   P.ChatMessage(role="user", content="Tell me about lighthouses"),
-                   text=P.TextOptions(max_tokens=50, temperature=0.5, top_p=0.9))
+    request = chat(
+        provider,
+        P.ChatMessage(role="system", content="Be brief."),
+        P.ChatMessage(role="user", content="Tell me about lighthouses"),
+        text=P.TextOptions(max_tokens=50, temperature=0.5, top_p=0.9),
+    )
     out = await run(gw, request, streaming)
     assert out["text"] == f"Hello from the {provider} stand-in. You said: Tell me about lighthouses"
     assert out["finish"] == P.FINISH_REASON_STOP
@@ -97,7 +125,11 @@ async def test_text(gw, provider, streaming) -> None:
     body = sent(gw, provider)
     if provider == "openai":
         assert body["messages"][0] == {"role": "system", "content": "Be brief."}
-        assert body["max_completion_tokens"] == 50 and body["temperature"] == 0.5 and body["top_p"] == pytest.approx(0.9)
+        assert (
+            body["max_completion_tokens"] == 50
+            and body["temperature"] == 0.5
+            and body["top_p"] == pytest.approx(0.9)
+        )
         assert body.get("stream", False) is streaming
         assert ("stream_options" in body) is streaming
     elif provider == "anthropic":
@@ -105,7 +137,9 @@ async def test_text(gw, provider, streaming) -> None:
         assert body["max_tokens"] == 50 and body["temperature"] == 0.5
     else:
         assert body["systemInstruction"] == {"parts": [{"text": "Be brief."}]}
-        assert body["contents"] == [{"role": "user", "parts": [{"text": "Tell me about lighthouses"}]}]
+        assert body["contents"] == [
+            {"role": "user", "parts": [{"text": "Tell me about lighthouses"}]}
+        ]
         assert body["generationConfig"]["maxOutputTokens"] == 50
         assert body["generationConfig"]["topP"] == pytest.approx(0.9)
 
@@ -121,8 +155,12 @@ async def test_max_tokens_truncates_with_length(gw, provider, streaming) -> None
 @pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
 @pytest.mark.parametrize("provider", PROVIDERS)
 async def test_tool_call_and_result_round_trip(gw, provider, streaming) -> None:
-    request = chat(provider, P.ChatMessage(role="user", content="Weather in Oslo?"), tools=[WEATHER],
-                   tool_choice=P.ToolChoice(mode=P.TOOL_CHOICE_MODE_REQUIRED))
+    request = chat(
+        provider,
+        P.ChatMessage(role="user", content="Weather in Oslo?"),
+        tools=[WEATHER],
+        tool_choice=P.ToolChoice(mode=P.TOOL_CHOICE_MODE_REQUIRED),
+    )
     out = await run(gw, request, streaming)
     assert out["finish"] == P.FINISH_REASON_TOOL_CALLS
     [(call_id, name, arguments)] = out["calls"]
@@ -130,59 +168,103 @@ async def test_tool_call_and_result_round_trip(gw, provider, streaming) -> None:
     assert json.loads(arguments) == {"city": "stand-in", "unit": "c"}  # generated from the schema
     body = sent(gw, provider)
     if provider == "openai":
-        assert body["tools"][0]["function"]["name"] == "get_weather" and body["tool_choice"] == "required"
+        assert (
+            body["tools"][0]["function"]["name"] == "get_weather"
+            and body["tool_choice"] == "required"
+        )
     elif provider == "anthropic":
         assert body["tools"][0]["input_schema"]["required"] == ["city", "unit"]
         assert body["tool_choice"] == {"type": "any"}
     else:
-        assert body["tools"][0]["functionDeclarations"][0]["parametersJsonSchema"]["required"] == ["city", "unit"]
+        assert body["tools"][0]["functionDeclarations"][0]["parametersJsonSchema"]["required"] == [
+            "city",
+            "unit",
+        ]
         assert body["toolConfig"] == {"functionCallingConfig": {"mode": "ANY"}}
 
     # The client runs the tool and sends the result back with the call id.
     follow_up = chat(
         provider,
         P.ChatMessage(role="user", content="Weather in Oslo?"),
-        P.ChatMessage(role="assistant", tool_calls=[P.ToolCall(id=call_id, name=name, arguments=arguments)]),
+        P.ChatMessage(
+            role="assistant", tool_calls=[P.ToolCall(id=call_id, name=name, arguments=arguments)]
+        ),
         P.ChatMessage(role="tool", content='{"temperature": 3}', tool_call_id=call_id),
-        tools=[WEATHER])
+        tools=[WEATHER],
+    )
     out = await run(gw, follow_up, streaming)
     assert out["finish"] == P.FINISH_REASON_STOP
     assert out["text"].startswith("Tool result received:") and "temperature" in out["text"]
     body = sent(gw, provider)
     if provider == "openai":
         assert body["messages"][1]["tool_calls"][0]["id"] == call_id
-        assert body["messages"][2] == {"role": "tool", "tool_call_id": call_id, "content": '{"temperature": 3}'}
+        assert body["messages"][2] == {
+            "role": "tool",
+            "tool_call_id": call_id,
+            "content": '{"temperature": 3}',
+        }
     elif provider == "anthropic":
         assert body["messages"][1]["content"][0] == {
-            "type": "tool_use", "id": call_id, "name": "get_weather", "input": {"city": "stand-in", "unit": "c"}}
-        assert body["messages"][2] == {"role": "user", "content": [
-            {"type": "tool_result", "tool_use_id": call_id, "content": '{"temperature": 3}'}]}
+            "type": "tool_use",
+            "id": call_id,
+            "name": "get_weather",
+            "input": {"city": "stand-in", "unit": "c"},
+        }
+        assert body["messages"][2] == {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": call_id, "content": '{"temperature": 3}'}
+            ],
+        }
     else:
-        assert body["contents"][1] == {"role": "model", "parts": [
-            {"functionCall": {"name": "get_weather", "args": {"city": "stand-in", "unit": "c"}}}]}
-        assert body["contents"][2] == {"role": "user", "parts": [
-            {"functionResponse": {"name": "get_weather", "response": {"temperature": 3}}}]}
+        assert body["contents"][1] == {
+            "role": "model",
+            "parts": [
+                {"functionCall": {"name": "get_weather", "args": {"city": "stand-in", "unit": "c"}}}
+            ],
+        }
+        assert body["contents"][2] == {
+            "role": "user",
+            "parts": [
+                {"functionResponse": {"name": "get_weather", "response": {"temperature": 3}}}
+            ],
+        }
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
 @pytest.mark.parametrize("provider", PROVIDERS)
 async def test_parallel_tool_calls_and_text_keep_their_order(gw, provider, streaming) -> None:
-    gw.standin(provider).script(Reply(text="Checking both.", tool_calls=[
-        ToolCallSpec("get_weather", {"city": "Oslo", "unit": "c"}, id="call_one"),
-        ToolCallSpec("get_weather", {"city": "Rome", "unit": "f"}, id="call_two")]))
+    gw.standin(provider).script(
+        Reply(
+            text="Checking both.",
+            tool_calls=[
+                ToolCallSpec("get_weather", {"city": "Oslo", "unit": "c"}, id="call_one"),
+                ToolCallSpec("get_weather", {"city": "Rome", "unit": "f"}, id="call_two"),
+            ],
+        )
+    )
     out = await run(gw, chat(provider, tools=[WEATHER]), streaming)
     assert out["text"] == "Checking both."
-    assert [(c[0], json.loads(c[2])["city"]) for c in out["calls"]] == [("call_one", "Oslo"), ("call_two", "Rome")]
+    assert [(c[0], json.loads(c[2])["city"]) for c in out["calls"]] == [
+        ("call_one", "Oslo"),
+        ("call_two", "Rome"),
+    ]
     assert out["finish"] == P.FINISH_REASON_TOOL_CALLS
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
 @pytest.mark.parametrize("provider", PROVIDERS)
 async def test_images_inline_and_by_url(gw, provider, streaming) -> None:
-    message = P.ChatMessage(role="user", content="What do you see?", parts=[
-        P.ContentPart(image=P.ImageInput(data=PNG, mime_type="image/png", detail=P.IMAGE_DETAIL_LOW)),
-        P.ContentPart(image=P.ImageInput(url="https://example.com/photo.png")),
-    ])
+    message = P.ChatMessage(
+        role="user",
+        content="What do you see?",
+        parts=[
+            P.ContentPart(
+                image=P.ImageInput(data=PNG, mime_type="image/png", detail=P.IMAGE_DETAIL_LOW)
+            ),
+            P.ContentPart(image=P.ImageInput(url="https://example.com/photo.png")),
+        ],
+    )
     out = await run(gw, chat(provider, message), streaming)
     assert out["text"].endswith("(saw 2 image(s))")
     body = sent(gw, provider)
@@ -190,38 +272,65 @@ async def test_images_inline_and_by_url(gw, provider, streaming) -> None:
     if provider == "openai":
         content = body["messages"][0]["content"]
         assert content[0] == {"type": "text", "text": "What do you see?"}
-        assert content[1] == {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{encoded}", "detail": "low"}}
-        assert content[2] == {"type": "image_url", "image_url": {"url": "https://example.com/photo.png"}}
+        assert content[1] == {
+            "type": "image_url",
+            "image_url": {"url": f"data:image/png;base64,{encoded}", "detail": "low"},
+        }
+        assert content[2] == {
+            "type": "image_url",
+            "image_url": {"url": "https://example.com/photo.png"},
+        }
     elif provider == "anthropic":
         content = body["messages"][0]["content"]
-        assert content[1] == {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": encoded}}
-        assert content[2] == {"type": "image", "source": {"type": "url", "url": "https://example.com/photo.png"}}
+        assert content[1] == {
+            "type": "image",
+            "source": {"type": "base64", "media_type": "image/png", "data": encoded},
+        }
+        assert content[2] == {
+            "type": "image",
+            "source": {"type": "url", "url": "https://example.com/photo.png"},
+        }
     else:
         parts = body["contents"][0]["parts"]
         assert parts[1] == {"inlineData": {"mimeType": "image/png", "data": encoded}}
-        assert parts[2] == {"fileData": {"mimeType": "image/png", "fileUri": "https://example.com/photo.png"}}
+        assert parts[2] == {
+            "fileData": {"mimeType": "image/png", "fileUri": "https://example.com/photo.png"}
+        }
 
 
 async def test_gemini_needs_the_media_type_of_an_image_url(gw) -> None:
-    message = P.ChatMessage(role="user", content="Look", parts=[
-        P.ContentPart(image=P.ImageInput(url="https://example.com/picture"))])
+    message = P.ChatMessage(
+        role="user",
+        content="Look",
+        parts=[P.ContentPart(image=P.ImageInput(url="https://example.com/picture"))],
+    )
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await gw.generate(chat("gemini", message))
     err = rich_error(caught.value)
-    assert err.code == grpc.StatusCode.INVALID_ARGUMENT and err.fields == ["messages[0].parts[0].image.mime_type"]
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT and err.fields == [
+        "messages[0].parts[0].image.mime_type"
+    ]
     assert gw.standin("gemini").requests == []
 
 
-SCHEMA = json_format.ParseDict({
-    "type": "object", "additionalProperties": False, "required": ["name", "age"],
-    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}}, struct_pb2.Struct())
+SCHEMA = json_format.ParseDict(
+    {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["name", "age"],
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    },
+    struct_pb2.Struct(),
+)
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
 @pytest.mark.parametrize("provider", PROVIDERS)
 async def test_json_schema_output(gw, provider, streaming) -> None:
-    fmt = P.ResponseFormat(type=P.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
-                           json_schema=P.JsonSchema(name="person", schema=SCHEMA, strict=True))
+    fmt = P.ResponseFormat(
+        type=P.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+        json_schema=P.JsonSchema(name="person", schema=SCHEMA, strict=True),
+    )
     out = await run(gw, chat(provider, text=P.TextOptions(response_format=fmt)), streaming)
     assert set(json.loads(out["text"])) == {"name", "age"}
     body = sent(gw, provider)
@@ -241,8 +350,15 @@ async def test_json_schema_output(gw, provider, streaming) -> None:
 async def test_json_object_output(gw, provider) -> None:
     fmt = P.ResponseFormat(type=P.RESPONSE_FORMAT_TYPE_JSON_OBJECT)
     # OpenAI's rule: JSON mode needs the word "JSON" in the messages.
-    out = await run(gw, chat(provider, P.ChatMessage(role="user", content="Answer in JSON please"),
-                             text=P.TextOptions(response_format=fmt)), False)
+    out = await run(
+        gw,
+        chat(
+            provider,
+            P.ChatMessage(role="user", content="Answer in JSON please"),
+            text=P.TextOptions(response_format=fmt),
+        ),
+        False,
+    )
     assert isinstance(json.loads(out["text"]), dict)
 
 
@@ -256,7 +372,10 @@ async def test_openai_rule_on_json_mode_is_reported_not_hidden(gw, provider) -> 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await gw.generate(request)
     err = rich_error(caught.value)
-    assert err.code == grpc.StatusCode.INVALID_ARGUMENT and err.info.reason == "PROVIDER_REJECTED_REQUEST"
+    assert (
+        err.code == grpc.StatusCode.INVALID_ARGUMENT
+        and err.info.reason == "PROVIDER_REJECTED_REQUEST"
+    )
     assert "json" in err.message.lower()
 
 
@@ -277,14 +396,17 @@ async def test_gemini_stop_sequences_beyond_its_limit_are_rejected(gw) -> None:
     assert rich_error(caught.value).fields == ["text.stop"]
 
 
-@pytest.mark.parametrize(("provider", "native", "expected"), [
-    ("openai", "content_filter", P.FINISH_REASON_CONTENT_FILTER),
-    ("anthropic", "refusal", P.FINISH_REASON_CONTENT_FILTER),
-    ("gemini", "SAFETY", P.FINISH_REASON_CONTENT_FILTER),
-    ("gemini", "RECITATION", P.FINISH_REASON_CONTENT_FILTER),
-    ("anthropic", "max_tokens", P.FINISH_REASON_LENGTH),
-    ("gemini", "MAX_TOKENS", P.FINISH_REASON_LENGTH),
-])
+@pytest.mark.parametrize(
+    ("provider", "native", "expected"),
+    [
+        ("openai", "content_filter", P.FINISH_REASON_CONTENT_FILTER),
+        ("anthropic", "refusal", P.FINISH_REASON_CONTENT_FILTER),
+        ("gemini", "SAFETY", P.FINISH_REASON_CONTENT_FILTER),
+        ("gemini", "RECITATION", P.FINISH_REASON_CONTENT_FILTER),
+        ("anthropic", "max_tokens", P.FINISH_REASON_LENGTH),
+        ("gemini", "MAX_TOKENS", P.FINISH_REASON_LENGTH),
+    ],
+)
 @pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
 async def test_finish_reasons_are_normalised(gw, provider, native, expected, streaming) -> None:
     gw.standin(provider).script(Reply(text="", finish_reason=native))
@@ -316,12 +438,26 @@ async def test_plain_prompt_is_one_user_message(gw, provider) -> None:
     assert out["text"].endswith("You said: Once upon a time")
 
 
-@pytest.mark.parametrize(("provider", "option", "where"), [
-    ("openai", {"logit_bias": {"50256": -100}}, lambda b: b["logit_bias"] == {"50256": -100}),
-    ("anthropic", {"metadata": {"user_id": "u-1"}}, lambda b: b["metadata"] == {"user_id": "u-1"}),
-    ("gemini", {"safetySettings": [{"category": "HARM_CATEGORY_HARASSMENT", "threshold": "BLOCK_NONE"}]},
-     lambda b: b["safetySettings"][0]["threshold"] == "BLOCK_NONE"),
-])
+@pytest.mark.parametrize(
+    ("provider", "option", "where"),
+    [
+        ("openai", {"logit_bias": {"50256": -100}}, lambda b: b["logit_bias"] == {"50256": -100}),
+        (
+            "anthropic",
+            {"metadata": {"user_id": "u-1"}},
+            lambda b: b["metadata"] == {"user_id": "u-1"},
+        ),
+        (
+            "gemini",
+            {
+                "safetySettings": [
+                    {"category": "HARM_CATEGORY_HARASSMENT", "threshold": "BLOCK_NONE"}
+                ]
+            },
+            lambda b: b["safetySettings"][0]["threshold"] == "BLOCK_NONE",
+        ),
+    ],
+)
 async def test_provider_options_pass_through(gw, provider, option, where) -> None:
     request = chat(provider)
     for key, value in option.items():
@@ -330,8 +466,15 @@ async def test_provider_options_pass_through(gw, provider, option, where) -> Non
     assert where(sent(gw, provider))
 
 
-@pytest.mark.parametrize(("provider", "key"), [("openai", "temperature"), ("anthropic", "system"),
-                                               ("gemini", "generationConfig"), ("openai", "stream")])
+@pytest.mark.parametrize(
+    ("provider", "key"),
+    [
+        ("openai", "temperature"),
+        ("anthropic", "system"),
+        ("gemini", "generationConfig"),
+        ("openai", "stream"),
+    ],
+)
 async def test_provider_options_cannot_override_typed_fields(gw, provider, key) -> None:
     request = chat(provider)
     request.provider_options[key].string_value = "x"
@@ -341,11 +484,14 @@ async def test_provider_options_cannot_override_typed_fields(gw, provider, key) 
     assert gw.standin(provider).requests == []
 
 
-@pytest.mark.parametrize(("provider", "header", "value"), [
-    ("openai", "authorization", f"Bearer {KEYS['openai']}"),
-    ("anthropic", "x-api-key", KEYS["anthropic"]),
-    ("gemini", "x-goog-api-key", KEYS["gemini"]),
-])
+@pytest.mark.parametrize(
+    ("provider", "header", "value"),
+    [
+        ("openai", "authorization", f"Bearer {KEYS['openai']}"),
+        ("anthropic", "x-api-key", KEYS["anthropic"]),
+        ("gemini", "x-goog-api-key", KEYS["gemini"]),
+    ],
+)
 async def test_auth_and_version_headers(gw, provider, header, value) -> None:
     await gw.generate(chat(provider))
     headers = gw.standin(provider).requests[-1].headers
@@ -354,13 +500,18 @@ async def test_auth_and_version_headers(gw, provider, header, value) -> None:
         assert headers["anthropic-version"] == "2023-06-01"
 
 
-@pytest.mark.parametrize(("provider", "field", "value"), [
-    ("anthropic", "temperature", 1.5),  # the 2023-06-01 API caps it at 1
-    ("anthropic", "seed", 7),
-    ("openai", "top_k", 5),
-    ("openai", "repetition_penalty", 1.1),
-])
-async def test_parameters_a_provider_does_not_honour_are_rejected(gw, provider, field, value) -> None:
+@pytest.mark.parametrize(
+    ("provider", "field", "value"),
+    [
+        ("anthropic", "temperature", 1.5),  # the 2023-06-01 API caps it at 1
+        ("anthropic", "seed", 7),
+        ("openai", "top_k", 5),
+        ("openai", "repetition_penalty", 1.1),
+    ],
+)
+async def test_parameters_a_provider_does_not_honour_are_rejected(
+    gw, provider, field, value
+) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await gw.generate(chat(provider, text=P.TextOptions(**{field: value})))
     err = rich_error(caught.value)

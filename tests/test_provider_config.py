@@ -44,19 +44,29 @@ from providers_util import FAST, KEYS, provider_config, provider_stack
 pb = generation_pb2
 UNAVAILABLE = model_pb2.MODEL_STATE_UNAVAILABLE
 PNG_1X1 = base64.b64decode(
-    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==")
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+)
 
 
-def request(model: str, *, prompt: str = "", messages: list[pb.ChatMessage] | None = None,
-            tools: Sequence[str] = (), tool_choice: int = 0, **text: Any) -> pb.GenerateRequest:
+def request(
+    model: str,
+    *,
+    prompt: str = "",
+    messages: list[pb.ChatMessage] | None = None,
+    tools: Sequence[str] = (),
+    tool_choice: int = 0,
+    **text: Any,
+) -> pb.GenerateRequest:
     kwargs: dict[str, Any] = {"model": model, "text": pb.TextOptions(**text)}
     if messages:
         kwargs["messages"] = messages
     else:
         kwargs["prompt"] = prompt or "Say hi"
     if tools:
-        kwargs["tools"] = [pb.Tool(function=pb.FunctionDeclaration(
-            name=name, parameters=struct_pb2.Struct())) for name in tools]
+        kwargs["tools"] = [
+            pb.Tool(function=pb.FunctionDeclaration(name=name, parameters=struct_pb2.Struct()))
+            for name in tools
+        ]
     if tool_choice:
         kwargs["tool_choice"] = pb.ToolChoice(mode=tool_choice)
     return pb.GenerateRequest(**kwargs)
@@ -77,8 +87,11 @@ class Gateway:
     async def list_all(self, provider: str = "") -> list[model_pb2.Model]:
         out, token = [], ""
         while True:
-            page = await self.models.ListModels(model_service_pb2.ListModelsRequest(
-                provider=provider, page_size=1000, page_token=token))
+            page = await self.models.ListModels(
+                model_service_pb2.ListModelsRequest(
+                    provider=provider, page_size=1000, page_token=token
+                )
+            )
             out += page.models
             token = page.next_page_token
             if not token:
@@ -89,14 +102,16 @@ class Gateway:
 
     async def params(self, model_id: str) -> dict[str, model_pb2.ParameterSpec]:
         response = await self.models.GetModelParameters(
-            model_service_pb2.GetModelParametersRequest(id=model_id))
+            model_service_pb2.GetModelParametersRequest(id=model_id)
+        )
         return {p.name.removeprefix("text."): p for p in response.parameters}
 
 
 @contextlib.asynccontextmanager
 async def gateway(providers: dict[str, Any]) -> AsyncIterator[Gateway]:
-    config = Config.model_validate({
-        "server": {"host": "127.0.0.1", "port": 0, "grace_period_s": 1}, "providers": providers})
+    config = Config.model_validate(
+        {"server": {"host": "127.0.0.1", "port": 0, "grace_period_s": 1}, "providers": providers}
+    )
     server = GatewayServer(config)
     await server.start()
     try:
@@ -144,24 +159,34 @@ def build(config: Config, name: str) -> Any:
 
 
 def test_provider_names_imply_kind_and_preset(tmp_path: Path) -> None:
-    config = load(tmp_path, "providers:\n  openai: {}\n  groq:\n  anthropic: {}\n  gemini: {}\n"
-                            "  ollama: {models: [{name: llama3.2}]}\n")
+    config = load(
+        tmp_path,
+        "providers:\n  openai: {}\n  groq:\n  anthropic: {}\n  gemini: {}\n"
+        "  ollama: {models: [{name: llama3.2}]}\n",
+    )
     kinds = {name: (s.kind, getattr(s, "preset", None)) for name, s in config.providers.items()}
-    assert kinds == {"openai": ("openai", "openai"), "groq": ("openai", "groq"),
-                     "anthropic": ("anthropic", None), "gemini": ("gemini", None),
-                     "ollama": ("openai", "ollama")}
+    assert kinds == {
+        "openai": ("openai", "openai"),
+        "groq": ("openai", "groq"),
+        "anthropic": ("anthropic", None),
+        "gemini": ("gemini", None),
+        "ollama": ("openai", "ollama"),
+    }
     groq = build(config, "groq")
     assert groq.base_url == "https://api.groq.com/openai/v1" and groq.preset.name == "groq"
     assert build(config, "ollama").base_url == "http://localhost:11434/v1"
 
 
 def test_own_base_url_gets_the_generic_preset_but_named_presets_keep_theirs(tmp_path: Path) -> None:
-    config = load(tmp_path, """
+    config = load(
+        tmp_path,
+        """
 providers:
   mine: {kind: openai, base_url: "http://10.0.0.5:9000/v1/"}
   openai: {base_url: "https://proxy.example/v1"}
   groq: {kind: openai, base_url: "https://groq-proxy.example/v1"}
-""")
+""",
+    )
     mine, openai, groq = build(config, "mine"), build(config, "openai"), build(config, "groq")
     assert mine.preset.name == "generic" and mine.base_url == "http://10.0.0.5:9000/v1"
     assert not mine.requires_key and mine.api_key is None
@@ -172,12 +197,15 @@ providers:
 
 
 def test_preset_defaults_apply_and_can_be_overridden(tmp_path: Path) -> None:
-    config = load(tmp_path, """
+    config = load(
+        tmp_path,
+        """
 providers:
   fireworks: {}
   fw2: {kind: openai, preset: fireworks, list_models: true, max_tokens_field: max_completion_tokens}
   lm: {kind: openai, preset: lmstudio, supported_parameters: [temperature]}
-""")
+""",
+    )
     # Fireworks' listing has none of your chat models: the preset turns listing off.
     assert config.providers["fireworks"].list_models is False
     assert config.providers["fw2"].list_models is True
@@ -185,30 +213,71 @@ providers:
     assert build(config, "lm").supported == ("temperature",)
 
 
-@pytest.mark.parametrize("text, path, words", [
-    ("providers:\n  mine: {kind: cohere}\n", "providers.mine.kind",
-     ["unknown kind 'cohere'", "anthropic, gemini, openai"]),
-    ("providers:\n  mine: {base_url: 'http://x'}\n", "providers.mine.kind",
-     ["'mine' is neither a kind", "groq", "`kind: openai`"]),
-    ("providers:\n  mine: {kind: openai, preset: nope}\n", "providers.mine.preset",
-     ["unknown preset 'nope'", "openrouter"]),
-    ("providers:\n  openai: {base_url: 'api.openai.com/v1'}\n", "providers.openai.base_url",
-     ["http:// or https://"]),
-    ("providers:\n  anthropic: {api_kye: x}\n", "providers.anthropic.api_kye", ["Extra inputs"]),
-    ("providers:\n  gemini: {preset: groq}\n", "providers.gemini.preset", ["Extra inputs"]),
-    ("providers:\n  groq: {timeouts: {idle_s: 0}}\n", "providers.groq.timeouts.idle_s",
-     ["greater than 0"]),
-    ("providers:\n  openai: {models: [{name: a, capabilities: {vison: true}}]}\n",
-     "providers.openai.models.0.capabilities.vison", ["Extra inputs"]),
-    ("providers:\n  openai: {models: [{name: a}, {name: a}]}\n", "providers.openai.models",
-     ["duplicate names a"]),
-    ("providers:\n  openai: {supported_parameters: [temprature]}\n",
-     "providers.openai.supported_parameters", ["unknown parameters ['temprature']"]),
-    ("providers:\n  local: {kind: openai}\n", "providers.local", ["'local' is the provider of the `local:` section"]),
-    ("providers:\n  My.Provider: {kind: openai}\n", "providers.My.Provider", ["lower-case letters"]),
-    ("providers:\n  groq: 3\n", "providers.groq", ["valid dictionary"]),
-])
-def test_bad_provider_sections_name_the_field(tmp_path: Path, text: str, path: str, words: list[str]) -> None:
+@pytest.mark.parametrize(
+    "text, path, words",
+    [
+        (
+            "providers:\n  mine: {kind: cohere}\n",
+            "providers.mine.kind",
+            ["unknown kind 'cohere'", "anthropic, gemini, openai"],
+        ),
+        (
+            "providers:\n  mine: {base_url: 'http://x'}\n",
+            "providers.mine.kind",
+            ["'mine' is neither a kind", "groq", "`kind: openai`"],
+        ),
+        (
+            "providers:\n  mine: {kind: openai, preset: nope}\n",
+            "providers.mine.preset",
+            ["unknown preset 'nope'", "openrouter"],
+        ),
+        (
+            "providers:\n  openai: {base_url: 'api.openai.com/v1'}\n",
+            "providers.openai.base_url",
+            ["http:// or https://"],
+        ),
+        (
+            "providers:\n  anthropic: {api_kye: x}\n",
+            "providers.anthropic.api_kye",
+            ["Extra inputs"],
+        ),
+        ("providers:\n  gemini: {preset: groq}\n", "providers.gemini.preset", ["Extra inputs"]),
+        (
+            "providers:\n  groq: {timeouts: {idle_s: 0}}\n",
+            "providers.groq.timeouts.idle_s",
+            ["greater than 0"],
+        ),
+        (
+            "providers:\n  openai: {models: [{name: a, capabilities: {vison: true}}]}\n",
+            "providers.openai.models.0.capabilities.vison",
+            ["Extra inputs"],
+        ),
+        (
+            "providers:\n  openai: {models: [{name: a}, {name: a}]}\n",
+            "providers.openai.models",
+            ["duplicate names a"],
+        ),
+        (
+            "providers:\n  openai: {supported_parameters: [temprature]}\n",
+            "providers.openai.supported_parameters",
+            ["unknown parameters ['temprature']"],
+        ),
+        (
+            "providers:\n  local: {kind: openai}\n",
+            "providers.local",
+            ["'local' is the provider of the `local:` section"],
+        ),
+        (
+            "providers:\n  My.Provider: {kind: openai}\n",
+            "providers.My.Provider",
+            ["lower-case letters"],
+        ),
+        ("providers:\n  groq: 3\n", "providers.groq", ["valid dictionary"]),
+    ],
+)
+def test_bad_provider_sections_name_the_field(
+    tmp_path: Path, text: str, path: str, words: list[str]
+) -> None:
     message = load_error(tmp_path, text)
     lines = [line for line in message.splitlines() if line.startswith("  ")]
     # Exactly one line, about the bad field: no pydantic union noise for the other kinds.
@@ -228,19 +297,29 @@ def test_local_from_the_environment_is_refused_once() -> None:
 
 
 def test_keys_from_the_environment(tmp_path: Path) -> None:
-    environ = {"PLUGGABLY_PROVIDERS__OPENAI__API_KEY": "sk-from-pluggably-env-123",
-               "TEAM_ANTHROPIC": "sk-ant-from-team-var", "GROQ_API_KEY": "gsk_default_var_123",
-               "OPENAI_API_KEY": "sk-should-not-win"}
-    config = load(tmp_path, "providers:\n  openai: {}\n  anthropic: {api_key_env: TEAM_ANTHROPIC}\n"
-                            "  groq: {}\n", environ)
+    environ = {
+        "PLUGGABLY_PROVIDERS__OPENAI__API_KEY": "sk-from-pluggably-env-123",
+        "TEAM_ANTHROPIC": "sk-ant-from-team-var",
+        "GROQ_API_KEY": "gsk_default_var_123",
+        "OPENAI_API_KEY": "sk-should-not-win",
+    }
+    config = load(
+        tmp_path,
+        "providers:\n  openai: {}\n  anthropic: {api_key_env: TEAM_ANTHROPIC}\n  groq: {}\n",
+        environ,
+    )
     openai = config.providers["openai"]
     assert openai.api_key.get_secret_value() == "sk-from-pluggably-env-123"
     assert "sk-from-pluggably-env-123" not in repr(config) and "sk-from" not in str(openai)
     assert openai.resolve_key("OPENAI_API_KEY", environ) == ("sk-from-pluggably-env-123", "api_key")
     assert config.providers["anthropic"].resolve_key("ANTHROPIC_API_KEY", environ) == (
-        "sk-ant-from-team-var", "environment variable TEAM_ANTHROPIC")
+        "sk-ant-from-team-var",
+        "environment variable TEAM_ANTHROPIC",
+    )
     assert config.providers["groq"].resolve_key("GROQ_API_KEY", environ) == (
-        "gsk_default_var_123", "environment variable GROQ_API_KEY")
+        "gsk_default_var_123",
+        "environment variable GROQ_API_KEY",
+    )
     # An environment-only provider needs no file at all.
     only_env = load_config(environ={"PLUGGABLY_PROVIDERS__GROQ__API_KEY": "gsk_x"})
     assert only_env.providers["groq"].preset == "groq"
@@ -249,7 +328,9 @@ def test_keys_from_the_environment(tmp_path: Path) -> None:
 def test_backend_takes_the_key_from_the_default_variable(monkeypatch) -> None:
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-default-variable-1")
     monkeypatch.setenv("MY_GROQ", "gsk_my_variable_12345")
-    config = Config.model_validate({"providers": {"anthropic": {}, "groq": {"api_key_env": "MY_GROQ"}}})
+    config = Config.model_validate(
+        {"providers": {"anthropic": {}, "groq": {"api_key_env": "MY_GROQ"}}}
+    )
     anthropic, groq = build(config, "anthropic"), build(config, "groq")
     assert anthropic.auth_headers()["x-api-key"] == "sk-ant-default-variable-1"
     assert groq.auth_headers() == {"Authorization": "Bearer gsk_my_variable_12345"}
@@ -273,16 +354,35 @@ WIRE = {
     "llamacpp": ("max_tokens", True, False, "seed", "repeat_penalty", True),
     "generic": ("max_tokens", True, False, "seed", None, True),
 }
-SAMPLING = ("temperature", "top_p", "top_k", "seed", "stop", "presence_penalty", "frequency_penalty",
-            "repetition_penalty")
+SAMPLING = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
 UNSUPPORTED = {
-    "openai": {"top_k", "repetition_penalty"}, "groq": {"top_k", "repetition_penalty"},
-    "mistral": {"top_k", "repetition_penalty"}, "deepseek": {"seed", "top_k", "repetition_penalty"},
-    "huggingface": {"top_k", "repetition_penalty"}, "ollama": {"top_k", "repetition_penalty"},
+    "openai": {"top_k", "repetition_penalty"},
+    "groq": {"top_k", "repetition_penalty"},
+    "mistral": {"top_k", "repetition_penalty"},
+    "deepseek": {"seed", "top_k", "repetition_penalty"},
+    "huggingface": {"top_k", "repetition_penalty"},
+    "ollama": {"top_k", "repetition_penalty"},
     "generic": {"top_k", "repetition_penalty"},
 }
-VALUES = {"temperature": 0.5, "top_p": 0.9, "top_k": 5, "seed": 7, "stop": ["END"],
-          "presence_penalty": 0.1, "frequency_penalty": 0.2, "repetition_penalty": 1.1}
+VALUES = {
+    "temperature": 0.5,
+    "top_p": 0.9,
+    "top_k": 5,
+    "seed": 7,
+    "stop": ["END"],
+    "presence_penalty": 0.1,
+    "frequency_penalty": 0.2,
+    "repetition_penalty": 1.1,
+}
 PRESET_MODEL = "gpt-4o-mini"
 
 
@@ -313,7 +413,9 @@ async def presets_gw() -> AsyncIterator[tuple[Gateway, OpenAIStandIn]]:
                 if preset.requires_key:
                     section["api_key"] = f"key-for-{name}-0123456789"
                 if name == "ollama":  # Ollama's tools and images are per model
-                    section["models"] = [{"name": PRESET_MODEL, "capabilities": {"tools": True, "vision": True}}]
+                    section["models"] = [
+                        {"name": PRESET_MODEL, "capabilities": {"tools": True, "vision": True}}
+                    ]
                 providers[preset_provider(name)] = section
             async with gateway(providers) as gw:
                 yield gw, standin
@@ -343,7 +445,9 @@ async def test_preset_request_on_the_wire(preset_env, preset: str) -> None:
     messages = [pb.ChatMessage(role="user", content="Hello there", name="alice")]
     response = await gw.generate(request(f"{provider}/{PRESET_MODEL}", messages=messages, **text))
     assert response.text and response.model == f"{provider}/{PRESET_MODEL}"
-    chunks = [c async for c in gw.stream(request(f"{provider}/{PRESET_MODEL}", messages=messages, **text))]
+    chunks = [
+        c async for c in gw.stream(request(f"{provider}/{PRESET_MODEL}", messages=messages, **text))
+    ]
     assert chunks[-1].WhichOneof("event") == "done"
 
     unary, streamed = chats(standin)
@@ -356,24 +460,32 @@ async def test_preset_request_on_the_wire(preset_env, preset: str) -> None:
         assert {"max_tokens", "max_completion_tokens"} & set(body) == {limit_field}
         assert body["temperature"] == 0.5
         if seed_field:
-            assert body[seed_field] == 7 and ({"seed", "random_seed"} - {seed_field}).isdisjoint(body)
+            assert body[seed_field] == 7 and ({"seed", "random_seed"} - {seed_field}).isdisjoint(
+                body
+            )
         if repetition_field:
             assert body[repetition_field] == pytest.approx(1.1) and body["top_k"] == 5
             assert ({"repetition_penalty", "repeat_penalty"} - {repetition_field}).isdisjoint(body)
         assert body["messages"][0].get("name") == ("alice" if keeps_name else None)
     assert "stream" not in unary.body and "stream_options" not in unary.body
     assert streamed.body["stream"] is True
-    assert streamed.body.get("stream_options") == ({"include_usage": True} if stream_usage else None)
+    assert streamed.body.get("stream_options") == (
+        {"include_usage": True} if stream_usage else None
+    )
 
 
-PAIRS = [(preset, param) for preset in sorted(WIRE) for param in sorted(UNSUPPORTED.get(preset, ()))]
+PAIRS = [
+    (preset, param) for preset in sorted(WIRE) for param in sorted(UNSUPPORTED.get(preset, ()))
+]
 
 
 @pytest.mark.parametrize("preset, param", PAIRS)
 async def test_preset_rejects_unsupported_parameters(preset_env, preset: str, param: str) -> None:
     gw, standin = preset_env
     provider = preset_provider(preset)
-    err = await error_of(gw.generate(request(f"{provider}/{PRESET_MODEL}", **{param: VALUES[param]})))
+    err = await error_of(
+        gw.generate(request(f"{provider}/{PRESET_MODEL}", **{param: VALUES[param]}))
+    )
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT and err.fields == [f"text.{param}"]
     assert f"{provider}/{PRESET_MODEL}" in err.bad_request.field_violations[0].description
     assert chats(standin) == []
@@ -386,7 +498,9 @@ async def test_presets_accept_every_parameter_they_list(preset_env) -> None:
         for param in SAMPLING:
             if param in UNSUPPORTED.get(preset, ()):
                 continue
-            await gw.generate(request(f"{preset_provider(preset)}/{PRESET_MODEL}", **{param: VALUES[param]}))
+            await gw.generate(
+                request(f"{preset_provider(preset)}/{PRESET_MODEL}", **{param: VALUES[param]})
+            )
     assert len(chats(standin)) == sum(len(SAMPLING) - len(UNSUPPORTED.get(p, ())) for p in WIRE)
 
 
@@ -397,8 +511,11 @@ async def test_ollama_rejects_tool_choice_and_image_urls(preset_env) -> None:
         err = await error_of(gw.generate(request(model, tools=["lookup"], tool_choice=mode)))
         assert err.code == grpc.StatusCode.INVALID_ARGUMENT and err.fields == ["tool_choice"]
         assert "Ollama ignores tool_choice" in err.bad_request.field_violations[0].description
-    image_url = pb.ChatMessage(role="user", content="What is this?", parts=[
-        pb.ContentPart(image=pb.ImageInput(url="https://example.com/cat.png"))])
+    image_url = pb.ChatMessage(
+        role="user",
+        content="What is this?",
+        parts=[pb.ContentPart(image=pb.ImageInput(url="https://example.com/cat.png"))],
+    )
     err = await error_of(gw.generate(request(model, messages=[image_url])))
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT
     assert err.fields == ["messages[0].parts[0].image.url"]
@@ -406,14 +523,23 @@ async def test_ollama_rejects_tool_choice_and_image_urls(preset_env) -> None:
 
     # What Ollama does honour still goes through: automatic tool choice and inline images.
     await gw.generate(request(model, tools=["lookup"], tool_choice=pb.TOOL_CHOICE_MODE_AUTO))
-    inline = pb.ChatMessage(role="user", content="What is this?", parts=[
-        pb.ContentPart(image=pb.ImageInput(data=PNG_1X1, mime_type="image/png"))])
+    inline = pb.ChatMessage(
+        role="user",
+        content="What is this?",
+        parts=[pb.ContentPart(image=pb.ImageInput(data=PNG_1X1, mime_type="image/png"))],
+    )
     await gw.generate(request(model, messages=[inline]))
     auto, image = chats(standin)
     assert auto.body["tool_choice"] == "auto"
-    assert image.body["messages"][0]["content"][1]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert image.body["messages"][0]["content"][1]["image_url"]["url"].startswith(
+        "data:image/png;base64,"
+    )
     # The same requests go to a preset that supports them (OpenRouter sends tool_choice and URLs).
-    await gw.generate(request(f"openrouter/{PRESET_MODEL}", tools=["lookup"], tool_choice=pb.TOOL_CHOICE_MODE_REQUIRED))
+    await gw.generate(
+        request(
+            f"openrouter/{PRESET_MODEL}", tools=["lookup"], tool_choice=pb.TOOL_CHOICE_MODE_REQUIRED
+        )
+    )
     assert chats(standin)[-1].body["tool_choice"] == "required"
 
 
@@ -424,22 +550,40 @@ async def test_provider_without_key_is_listed_unavailable(monkeypatch) -> None:
     for variable in ("ANTHROPIC_API_KEY", "GROQ_API_KEY", "TEAM_GROQ_KEY", "GEMINI_API_KEY"):
         monkeypatch.delenv(variable, raising=False)
     async with AnthropicStandIn(api_key=None) as anthropic, OpenAIStandIn(api_key=None) as openai:
-        async with gateway({
-            "anthropic": {"base_url": anthropic.base_url + "/v1", "models": [{"name": "claude-sonnet-4-6"}]},
-            "groq": {"base_url": openai.base_url + "/v1", "api_key_env": "TEAM_GROQ_KEY",
-                     "models": [{"name": "llama-3.3-70b-versatile"}]},
-            "gemini": {"api_key": ""},  # an empty key is no key
-        }) as gw:
+        async with gateway(
+            {
+                "anthropic": {
+                    "base_url": anthropic.base_url + "/v1",
+                    "models": [{"name": "claude-sonnet-4-6"}],
+                },
+                "groq": {
+                    "base_url": openai.base_url + "/v1",
+                    "api_key_env": "TEAM_GROQ_KEY",
+                    "models": [{"name": "llama-3.3-70b-versatile"}],
+                },
+                "gemini": {"api_key": ""},  # an empty key is no key
+            }
+        ) as gw:
             models = {m.id: m for m in await gw.list_all()}
             assert set(models) == {"anthropic/claude-sonnet-4-6", "groq/llama-3.3-70b-versatile"}
-            claude, llama = models["anthropic/claude-sonnet-4-6"], models["groq/llama-3.3-70b-versatile"]
+            claude, llama = (
+                models["anthropic/claude-sonnet-4-6"],
+                models["groq/llama-3.3-70b-versatile"],
+            )
             assert claude.state == UNAVAILABLE and llama.state == UNAVAILABLE
-            assert "ANTHROPIC_API_KEY" in claude.state_reason and "providers.anthropic.api_key" in claude.state_reason
+            assert (
+                "ANTHROPIC_API_KEY" in claude.state_reason
+                and "providers.anthropic.api_key" in claude.state_reason
+            )
             assert "TEAM_GROQ_KEY" in llama.state_reason
             assert (await gw.model("gemini/gemini-2.5-flash")).state == UNAVAILABLE
             assert "GEMINI_API_KEY" in (await gw.model("gemini/gemini-2.5-flash")).state_reason
 
-            for model in ("anthropic/claude-sonnet-4-6", "groq/llama-3.3-70b-versatile", "gemini/gemini-2.5-flash"):
+            for model in (
+                "anthropic/claude-sonnet-4-6",
+                "groq/llama-3.3-70b-versatile",
+                "gemini/gemini-2.5-flash",
+            ):
                 err = await error_of(gw.generate(request(model)))
                 assert err.code == grpc.StatusCode.FAILED_PRECONDITION
                 assert err.info.reason == "PROVIDER_NOT_CONFIGURED"
@@ -454,15 +598,24 @@ async def test_provider_without_key_is_listed_unavailable(monkeypatch) -> None:
 async def test_keys_never_reach_logs_or_errors(caplog) -> None:
     caplog.set_level(logging.DEBUG)
     keys = dict(KEYS)
-    standins = {"openai": OpenAIStandIn(api_key=keys["openai"]),
-                "anthropic": AnthropicStandIn(api_key=keys["anthropic"]),
-                "gemini": GeminiStandIn(api_key=keys["gemini"])}
+    standins = {
+        "openai": OpenAIStandIn(api_key=keys["openai"]),
+        "anthropic": AnthropicStandIn(api_key=keys["anthropic"]),
+        "gemini": GeminiStandIn(api_key=keys["gemini"]),
+    }
     async with contextlib.AsyncExitStack() as exits:
         for provider, standin in standins.items():
             await exits.enter_async_context(standin)
             # The first listing fails echoing the key (openai's stand-in also serves groq).
-            standin.inject(Fault("status", status=500, message=f"boom {keys[provider]}", path="/models",
-                                 times=2 if provider == "openai" else 1))
+            standin.inject(
+                Fault(
+                    "status",
+                    status=500,
+                    message=f"boom {keys[provider]}",
+                    path="/models",
+                    times=2 if provider == "openai" else 1,
+                )
+            )
         gw = await exits.enter_async_context(gateway(provider_config(standins)))
         providers = ("openai", "anthropic", "gemini", "groq")
 
@@ -475,8 +628,12 @@ async def test_keys_never_reach_logs_or_errors(caplog) -> None:
 
         reasons: dict[str, list[str]] = {}
         messages = []
-        for provider, model in (("openai", "openai/gpt-4o-mini"), ("anthropic", "anthropic/claude-sonnet-4-6"),
-                                ("gemini", "gemini/gemini-2.5-flash"), ("groq", "groq/gpt-4o-mini")):
+        for provider, model in (
+            ("openai", "openai/gpt-4o-mini"),
+            ("anthropic", "anthropic/claude-sonnet-4-6"),
+            ("gemini", "gemini/gemini-2.5-flash"),
+            ("groq", "groq/gpt-4o-mini"),
+        ):
             standin = standins["openai" if provider == "groq" else provider]
             key = keys["openai" if provider == "groq" else provider]
             assert (await gw.generate(request(model, max_tokens=8))).text
@@ -487,7 +644,10 @@ async def test_keys_never_reach_logs_or_errors(caplog) -> None:
                 Fault("status", status=503, times=3, message=f"overloaded for {key}"),
                 Fault("status", status=429, retry_after=0.01, message=f"slow down {key}"),
                 # After output, so it is not retried away and reaches the client.
-                Fault("stream_error", status=500, after_chunks=4, message=f"stream broke for {key}"))
+                Fault(
+                    "stream_error", status=500, after_chunks=4, message=f"stream broke for {key}"
+                ),
+            )
             for call in (gw.generate, gw.generate, gw.generate, gw.stream):
                 gw.backend(provider)._breakers.clear()  # three 503s in a row opened it
                 err = await error_of(call(request(model)))
@@ -496,11 +656,17 @@ async def test_keys_never_reach_logs_or_errors(caplog) -> None:
             assert standin.faults == []
     # Every failure kind happened, so the scrubbing was exercised, not skipped.
     for provider in providers:
-        assert reasons[provider] == ["PROVIDER_AUTH_FAILED", "PROVIDER_REJECTED_REQUEST",
-                                     "PROVIDER_UNAVAILABLE", "PROVIDER_UNAVAILABLE"], reasons
+        assert reasons[provider] == [
+            "PROVIDER_AUTH_FAILED",
+            "PROVIDER_REJECTED_REQUEST",
+            "PROVIDER_UNAVAILABLE",
+            "PROVIDER_UNAVAILABLE",
+        ], reasons
     assert sum("[redacted]" in m for m in messages) == len(messages) == 16
-    assert any(r.levelno == logging.WARNING and "listing models failed" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        r.levelno == logging.WARNING and "listing models failed" in r.getMessage()
+        for r in caplog.records
+    )
     assert any("retrying in" in r.getMessage() for r in caplog.records)
     assert len(caplog.records) > 20
     for record in caplog.records:
@@ -523,24 +689,54 @@ BULK = 1003  # more than one page: both APIs serve at most 1000 models a page
 
 @pytest.fixture(scope="module")
 async def listing() -> AsyncIterator[tuple[Gateway, dict[str, Any]]]:
-    anthropic_models = [*ANTHROPIC_MODELS, *(
-        {"id": f"claude-bulk-{i:04d}", "display_name": f"Bulk {i}", "created_at": f"2020-01-01T00:{i // 60 % 60:02d}:{i % 60:02d}Z",
-         "context_window": 100_000, "max_output_tokens": 1000 + i} for i in range(BULK))]
+    anthropic_models = [
+        *ANTHROPIC_MODELS,
+        *(
+            {
+                "id": f"claude-bulk-{i:04d}",
+                "display_name": f"Bulk {i}",
+                "created_at": f"2020-01-01T00:{i // 60 % 60:02d}:{i % 60:02d}Z",
+                "context_window": 100_000,
+                "max_output_tokens": 1000 + i,
+            }
+            for i in range(BULK)
+        ),
+    ]
     from pluggably.devtools.standins.gemini import DEFAULT_MODELS as GEMINI_MODELS
-    gemini_models = [*GEMINI_MODELS, *(gemini_model(f"gemini-bulk-{i:04d}", f"Bulk {i}", output_token_limit=2000 + i)
-                                       for i in range(BULK))]
-    standins = {"openai": OpenAIStandIn(api_key=KEYS["openai"]),
-                "anthropic": AnthropicStandIn(api_key=KEYS["anthropic"], models=anthropic_models),
-                "gemini": GeminiStandIn(api_key=KEYS["gemini"], models=gemini_models)}
+
+    gemini_models = [
+        *GEMINI_MODELS,
+        *(
+            gemini_model(f"gemini-bulk-{i:04d}", f"Bulk {i}", output_token_limit=2000 + i)
+            for i in range(BULK)
+        ),
+    ]
+    standins = {
+        "openai": OpenAIStandIn(api_key=KEYS["openai"]),
+        "anthropic": AnthropicStandIn(api_key=KEYS["anthropic"], models=anthropic_models),
+        "gemini": GeminiStandIn(api_key=KEYS["gemini"], models=gemini_models),
+    }
     async with contextlib.AsyncExitStack() as stack:
         for standin in standins.values():
             await stack.enter_async_context(standin)
         providers = {
-            "openai": {"base_url": standins["openai"].base_url + "/v1", "api_key": KEYS["openai"], **FAST},
-            "anthropic": {"base_url": standins["anthropic"].base_url + "/v1", "api_key": KEYS["anthropic"],
-                          "allow_unlisted_models": False, **FAST},
-            "gemini": {"base_url": standins["gemini"].base_url, "api_key": KEYS["gemini"],
-                       "allow_unlisted_models": False, **FAST},
+            "openai": {
+                "base_url": standins["openai"].base_url + "/v1",
+                "api_key": KEYS["openai"],
+                **FAST,
+            },
+            "anthropic": {
+                "base_url": standins["anthropic"].base_url + "/v1",
+                "api_key": KEYS["anthropic"],
+                "allow_unlisted_models": False,
+                **FAST,
+            },
+            "gemini": {
+                "base_url": standins["gemini"].base_url,
+                "api_key": KEYS["gemini"],
+                "allow_unlisted_models": False,
+                **FAST,
+            },
         }
         gw = await stack.enter_async_context(gateway(providers))
 
@@ -554,17 +750,31 @@ async def listing() -> AsyncIterator[tuple[Gateway, dict[str, Any]]]:
 async def test_background_listing_fills_the_catalogue(listing) -> None:
     gw, _ = listing
     ids = {m.id for m in await gw.list_all()}
-    for present in ("openai/gpt-4o", "openai/gpt-4.1-nano", "anthropic/claude-sonnet-4-6",
-                    "anthropic/claude-sonnet-4-5-20250929", "gemini/gemini-2.5-flash", "gemini/gemini-2.0-flash"):
+    for present in (
+        "openai/gpt-4o",
+        "openai/gpt-4.1-nano",
+        "anthropic/claude-sonnet-4-6",
+        "anthropic/claude-sonnet-4-5-20250929",
+        "gemini/gemini-2.5-flash",
+        "gemini/gemini-2.0-flash",
+    ):
         assert present in ids
     # Non-chat models are left out: embeddings, images, Text Completions-era and retired Claude.
-    for absent in ("openai/text-embedding-3-small", "openai/dall-e-3", "gemini/gemini-embedding-001",
-                   "anthropic/claude-instant-1.2", "anthropic/claude-2.1"):
+    for absent in (
+        "openai/text-embedding-3-small",
+        "openai/dall-e-3",
+        "gemini/gemini-embedding-001",
+        "anthropic/claude-instant-1.2",
+        "anthropic/claude-2.1",
+    ):
         assert absent not in ids
     flash = await gw.model("gemini/gemini-2.5-flash")
     assert flash.description == "Gemini 2.5 Flash" and flash.context_length == 1_048_576
     sonnet = await gw.model("anthropic/claude-sonnet-4-6")
-    assert sonnet.description == "Claude Sonnet 4.6" and sonnet.capabilities.max_output_tokens == 64_000
+    assert (
+        sonnet.description == "Claude Sonnet 4.6"
+        and sonnet.capabilities.max_output_tokens == 64_000
+    )
 
 
 async def test_listing_walks_every_page(listing) -> None:
@@ -576,7 +786,9 @@ async def test_listing_walks_every_page(listing) -> None:
     last = await gw.model(f"anthropic/claude-bulk-{BULK - 1:04d}")
     assert last.capabilities.max_output_tokens == 1000 + BULK - 1
     # A model on no page stays unknown, since this provider serves listed models only.
-    err = await error_of(gw.models.GetModel(model_service_pb2.GetModelRequest(id="anthropic/claude-bulk-9999")))
+    err = await error_of(
+        gw.models.GetModel(model_service_pb2.GetModelRequest(id="anthropic/claude-bulk-9999"))
+    )
     assert err.code == grpc.StatusCode.NOT_FOUND
 
 
@@ -596,7 +808,9 @@ async def test_failed_refresh_keeps_the_old_list(listing) -> None:
     try:
         await backend.refresh_models()
         assert backend.listing_error == ""
-        err = await error_of(gw.models.GetModel(model_service_pb2.GetModelRequest(id=f"anthropic/{dropped['id']}")))
+        err = await error_of(
+            gw.models.GetModel(model_service_pb2.GetModelRequest(id=f"anthropic/{dropped['id']}"))
+        )
         assert err.code == grpc.StatusCode.NOT_FOUND
     finally:
         standins["anthropic"].models.append(dropped)
@@ -622,9 +836,17 @@ async def test_catalogue_never_waits_for_a_hanging_listing(listing) -> None:
         standin.reset()
         standin.inject(Fault("hang_before_headers", seconds=3, path="/models"))
     providers = {
-        "openai": {"base_url": standins["openai"].base_url + "/v1", "api_key": KEYS["openai"],
-                   "models": [{"name": "gpt-4o"}], **FAST},
-        "anthropic": {"base_url": standins["anthropic"].base_url + "/v1", "api_key": KEYS["anthropic"], **FAST},
+        "openai": {
+            "base_url": standins["openai"].base_url + "/v1",
+            "api_key": KEYS["openai"],
+            "models": [{"name": "gpt-4o"}],
+            **FAST,
+        },
+        "anthropic": {
+            "base_url": standins["anthropic"].base_url + "/v1",
+            "api_key": KEYS["anthropic"],
+            **FAST,
+        },
         "gemini": {"base_url": standins["gemini"].base_url, "api_key": KEYS["gemini"], **FAST},
     }
     started = time.monotonic()
@@ -655,15 +877,25 @@ async def _abandoned(standins: dict[str, Any]) -> bool:
 
 @pytest.fixture(scope="module")
 async def stack_module():
-    async with provider_stack(providers={
-        # groq: per-model overrides, defaults for unknown models.
-        "groq": {"models": [{"name": "gpt-4o", "description": "tuned", "context_length": 5000,
-                             "default_max_tokens": 50,
-                             "capabilities": {"vision": False, "tools": False, "max_output_tokens": 100}}],
-                 "default_capabilities": {"vision": True, "max_output_tokens": 1234}},
-        # gemini: listed (and configured) models only.
-        "gemini": {"models": [{"name": "gemini-2.5-flash"}], "allow_unlisted_models": False},
-    }) as s:
+    async with provider_stack(
+        providers={
+            # groq: per-model overrides, defaults for unknown models.
+            "groq": {
+                "models": [
+                    {
+                        "name": "gpt-4o",
+                        "description": "tuned",
+                        "context_length": 5000,
+                        "default_max_tokens": 50,
+                        "capabilities": {"vision": False, "tools": False, "max_output_tokens": 100},
+                    }
+                ],
+                "default_capabilities": {"vision": True, "max_output_tokens": 1234},
+            },
+            # gemini: listed (and configured) models only.
+            "gemini": {"models": [{"name": "gemini-2.5-flash"}], "allow_unlisted_models": False},
+        }
+    ) as s:
         yield s
 
 
@@ -697,7 +929,13 @@ async def test_parameters_openai(stack) -> None:
     assert params["temperature"].maximum == 2.0 and params["seed"].supported
     assert params["presence_penalty"].supported and params["stop"].supported
     assert not params["top_k"].supported and not params["repetition_penalty"].supported
-    for reasoning in ("openai/o3-mini", "openai/o1", "openai/o4-mini", "openai/gpt-5", "openai/gpt-5-mini"):
+    for reasoning in (
+        "openai/o3-mini",
+        "openai/o1",
+        "openai/o4-mini",
+        "openai/gpt-5",
+        "openai/gpt-5-mini",
+    ):
         params = await gw.params(reasoning)
         assert {n for n, p in params.items() if p.supported} == {"max_tokens", "seed"}, reasoning
     assert (await gw.params("openai/gpt-5-chat-latest"))["temperature"].supported
@@ -705,25 +943,57 @@ async def test_parameters_openai(stack) -> None:
 
 async def test_parameters_gemini(stack) -> None:
     params = await gw_of(stack).params("gemini/gemini-2.5-flash")
-    for name in ("temperature", "top_p", "top_k", "seed", "stop", "presence_penalty", "frequency_penalty"):
+    for name in (
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "stop",
+        "presence_penalty",
+        "frequency_penalty",
+    ):
         assert params[name].supported, name
     assert not params["repetition_penalty"].supported and params["temperature"].maximum == 2.0
 
 
-@pytest.mark.parametrize("model, text, field, words", [
-    ("anthropic/claude-sonnet-4-6", {"temperature": 1.5}, "text.temperature", "must be in [0, 1], got 1.5"),
-    ("anthropic/claude-sonnet-4-6", {"seed": 3}, "text.seed", "not supported"),
-    ("anthropic/claude-sonnet-4-6", {"frequency_penalty": 0.5}, "text.frequency_penalty", "not supported"),
-    ("anthropic/claude-sonnet-4-6", {"max_tokens": 70000}, "text.max_tokens", "at most 64000"),
-    ("openai/gpt-4o-mini", {"top_k": 4}, "text.top_k", "not supported"),
-    ("openai/gpt-4o-mini", {"repetition_penalty": 1.2}, "text.repetition_penalty", "not supported"),
-    ("openai/o3-mini", {"temperature": 0.2}, "text.temperature", "not supported"),
-    ("openai/gpt-5-mini", {"top_p": 0.5}, "text.top_p", "not supported"),
-    ("gemini/gemini-2.5-flash", {"repetition_penalty": 1.2}, "text.repetition_penalty", "not supported"),
-    ("gemini/gemini-2.5-flash", {"max_tokens": 70000}, "text.max_tokens", "at most 65536"),
-])
+@pytest.mark.parametrize(
+    "model, text, field, words",
+    [
+        (
+            "anthropic/claude-sonnet-4-6",
+            {"temperature": 1.5},
+            "text.temperature",
+            "must be in [0, 1], got 1.5",
+        ),
+        ("anthropic/claude-sonnet-4-6", {"seed": 3}, "text.seed", "not supported"),
+        (
+            "anthropic/claude-sonnet-4-6",
+            {"frequency_penalty": 0.5},
+            "text.frequency_penalty",
+            "not supported",
+        ),
+        ("anthropic/claude-sonnet-4-6", {"max_tokens": 70000}, "text.max_tokens", "at most 64000"),
+        ("openai/gpt-4o-mini", {"top_k": 4}, "text.top_k", "not supported"),
+        (
+            "openai/gpt-4o-mini",
+            {"repetition_penalty": 1.2},
+            "text.repetition_penalty",
+            "not supported",
+        ),
+        ("openai/o3-mini", {"temperature": 0.2}, "text.temperature", "not supported"),
+        ("openai/gpt-5-mini", {"top_p": 0.5}, "text.top_p", "not supported"),
+        (
+            "gemini/gemini-2.5-flash",
+            {"repetition_penalty": 1.2},
+            "text.repetition_penalty",
+            "not supported",
+        ),
+        ("gemini/gemini-2.5-flash", {"max_tokens": 70000}, "text.max_tokens", "at most 65536"),
+    ],
+)
 async def test_out_of_model_requests_are_rejected_before_the_provider(
-        stack, model: str, text: dict, field: str, words: str) -> None:
+    stack, model: str, text: dict, field: str, words: str
+) -> None:
     for call in (stack.generate, stack.stream):
         err = await error_of(call(request(model, **text)))
         assert err.code == grpc.StatusCode.INVALID_ARGUMENT and err.fields == [field]
@@ -740,25 +1010,45 @@ async def test_capabilities_of_known_families(stack) -> None:
     await wait_until(lambda: _listed(stack, "openai"))
     listed = {m.id: m for m in await gw.list_all("openai")}
     gpt4o = listed["openai/gpt-4o"].capabilities
-    assert (gpt4o.image_input, gpt4o.tools, gpt4o.json_schema, gpt4o.max_output_tokens) == (True, True, True, 16384)
+    assert (gpt4o.image_input, gpt4o.tools, gpt4o.json_schema, gpt4o.max_output_tokens) == (
+        True,
+        True,
+        True,
+        16384,
+    )
     assert listed["openai/gpt-4o"].context_length == 128_000
     assert (await gw.model("openai/gpt-4o")).capabilities == gpt4o
 
     gpt35 = (await gw.model("openai/gpt-3.5-turbo")).capabilities  # not listed: from the table
-    assert (gpt35.json_object, gpt35.json_schema, gpt35.image_input, gpt35.tools) == (True, False, False, True)
+    assert (gpt35.json_object, gpt35.json_schema, gpt35.image_input, gpt35.tools) == (
+        True,
+        False,
+        False,
+        True,
+    )
     claude35 = await gw.model("anthropic/claude-3-5-sonnet-20241022")
     caps = claude35.capabilities
-    assert (caps.json_schema, caps.json_object, caps.image_input, caps.tools) == (False, False, True, True)
+    assert (caps.json_schema, caps.json_object, caps.image_input, caps.tools) == (
+        False,
+        False,
+        True,
+        True,
+    )
     assert caps.max_output_tokens == 8192 and claude35.context_length == 200_000
     assert (await gw.model("anthropic/claude-sonnet-4-6")).capabilities.json_schema
 
-    schema = pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema=pb.JsonSchema(
-        name="out", schema=struct_pb2.Struct()))
+    schema = pb.ResponseFormat(
+        type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+        json_schema=pb.JsonSchema(name="out", schema=struct_pb2.Struct()),
+    )
     for model in ("openai/gpt-3.5-turbo", "anthropic/claude-3-5-sonnet-20241022"):
         err = await error_of(stack.generate(request(model, response_format=schema)))
         assert err.fields == ["text.response_format.json_schema"]
-    image = pb.ChatMessage(role="user", content="What is this?", parts=[
-        pb.ContentPart(image=pb.ImageInput(data=PNG_1X1, mime_type="image/png"))])
+    image = pb.ChatMessage(
+        role="user",
+        content="What is this?",
+        parts=[pb.ContentPart(image=pb.ImageInput(data=PNG_1X1, mime_type="image/png"))],
+    )
     err = await error_of(stack.generate(request("openai/gpt-3.5-turbo", messages=[image])))
     assert err.fields == ["messages[0].parts[0].image"]
     assert generations(stack) == []
@@ -770,7 +1060,12 @@ async def test_capability_overrides_and_defaults(stack) -> None:
     assert tuned.description == "tuned" and tuned.context_length == 5000
     caps = tuned.capabilities
     # The model's own overrides beat the provider's defaults (vision) and the preset (tools).
-    assert (caps.image_input, caps.tools, caps.max_output_tokens, caps.json_object) == (False, False, 100, True)
+    assert (caps.image_input, caps.tools, caps.max_output_tokens, caps.json_object) == (
+        False,
+        False,
+        100,
+        True,
+    )
     assert (await gw.params("groq/gpt-4o"))["max_tokens"].default_value.number_value == 50
     unknown = (await gw.model("groq/llama-4-scout")).capabilities
     assert (unknown.image_input, unknown.max_output_tokens, unknown.tools) == (True, 1234, True)
@@ -787,8 +1082,10 @@ async def test_capability_overrides_and_defaults(stack) -> None:
 
 async def test_unlisted_models_can_be_refused(stack) -> None:
     gw = gw_of(stack)
-    for call in (gw.models.GetModel(model_service_pb2.GetModelRequest(id="gemini/gemini-9-ultra")),
-                 stack.generate(request("gemini/gemini-9-ultra"))):
+    for call in (
+        gw.models.GetModel(model_service_pb2.GetModelRequest(id="gemini/gemini-9-ultra")),
+        stack.generate(request("gemini/gemini-9-ultra")),
+    ):
         err = await error_of(call)
         assert err.code == grpc.StatusCode.NOT_FOUND and err.info.reason == "MODEL_NOT_FOUND"
     assert (await gw.model("gemini/gemini-2.5-flash")).name == "gemini-2.5-flash"  # configured

@@ -15,9 +15,18 @@ from pluggably.devtools.standins import Fault, Reply, ToolCallSpec
 from providers_util import MODELS, provider_stack
 
 PNG = base64.b64decode(
-    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
-WEATHER = {"function": {"name": "get_weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+)
+WEATHER = {
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+        },
+    }
+}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +49,11 @@ def api(rest):
 
 
 def body(provider: str, **extra) -> dict:
-    return {"model": f"{provider}/{MODELS[provider]}", "messages": [{"role": "user", "content": "Hi there"}], **extra}
+    return {
+        "model": f"{provider}/{MODELS[provider]}",
+        "messages": [{"role": "user", "content": "Hi there"}],
+        **extra,
+    }
 
 
 async def sse_events(response: aiohttp.ClientResponse) -> list[dict]:
@@ -58,8 +71,11 @@ async def sse_events(response: aiohttp.ClientResponse) -> list[dict]:
 @pytest.mark.parametrize("provider", ["openai", "anthropic", "gemini"])
 async def test_rest_unary_with_an_image(api, provider) -> None:
     _stack, url, http = api
-    message = {"role": "user", "content": "What is this?",
-               "parts": [{"image": {"data": base64.b64encode(PNG).decode(), "mimeType": "image/png"}}]}
+    message = {
+        "role": "user",
+        "content": "What is this?",
+        "parts": [{"image": {"data": base64.b64encode(PNG).decode(), "mimeType": "image/png"}}],
+    }
     async with http.post(f"{url}/v1/generate", json=body(provider, messages=[message])) as r:
         assert r.status == 200, await r.text()
         result = await r.json()
@@ -71,7 +87,9 @@ async def test_rest_unary_with_an_image(api, provider) -> None:
 @pytest.mark.parametrize("provider", ["openai", "anthropic", "gemini"])
 async def test_sse_streams_tool_call_deltas(api, provider) -> None:
     stack, url, http = api
-    stack.standin(provider).script(Reply(tool_calls=[ToolCallSpec("get_weather", {"city": "Oslo"}, id="call_9")]))
+    stack.standin(provider).script(
+        Reply(tool_calls=[ToolCallSpec("get_weather", {"city": "Oslo"}, id="call_9")])
+    )
     async with http.post(f"{url}/v1/generate:stream", json=body(provider, tools=[WEATHER])) as r:
         assert r.status == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = await sse_events(r)
@@ -108,10 +126,14 @@ async def test_upstream_failure_mid_stream_is_the_terminal_error_event(api) -> N
 
 async def test_bad_request_to_a_provider_is_400_naming_the_field(api) -> None:
     stack, url, http = api
-    async with http.post(f"{url}/v1/generate", json=body("anthropic", text={"temperature": 1.5})) as r:
+    async with http.post(
+        f"{url}/v1/generate", json=body("anthropic", text={"temperature": 1.5})
+    ) as r:
         assert r.status == 400
         status = await r.json()
-    violations = next(d for d in status["details"] if d["@type"].endswith("BadRequest"))["fieldViolations"]
+    violations = next(d for d in status["details"] if d["@type"].endswith("BadRequest"))[
+        "fieldViolations"
+    ]
     assert violations[0]["field"] == "text.temperature"
     assert stack.standin("anthropic").requests == []
 

@@ -32,8 +32,11 @@ PROVIDERS = ("openai", "anthropic", "gemini")
 TIMEOUTS = {"connect_s": 1, "first_byte_s": 0.3, "idle_s": 0.3, "total_s": 3}
 OPEN_S = 0.3  # how long an open circuit refuses requests
 FIRST_CHUNK_S = 0.3  # routing.first_chunk_timeout_s
-TINY = {"openai": "standin-tiny-context", "anthropic": "claude-standin-tiny",
-        "gemini": "gemini-standin-tiny"}
+TINY = {
+    "openai": "standin-tiny-context",
+    "anthropic": "claude-standin-tiny",
+    "gemini": "gemini-standin-tiny",
+}
 # Stream events each stand-in sends before its first text delta (OpenAI: the role chunk;
 # Anthropic: message_start, content_block_start, ping), so `after_chunks=LEAD[p] + n` lets
 # exactly n text deltas through.
@@ -51,8 +54,11 @@ def _closed_port() -> int:
 def _gen_path(provider: str) -> str:
     """What the generation requests' paths contain (never the listing's), for faults and counts."""
     # Gemini: both `:generateContent` and `:streamGenerateContent`.
-    return {"openai": "/chat/completions", "anthropic": "/v1/messages",
-            "gemini": "enerateContent"}.get(provider, "/chat/completions")
+    return {
+        "openai": "/chat/completions",
+        "anthropic": "/v1/messages",
+        "gemini": "enerateContent",
+    }.get(provider, "/chat/completions")
 
 
 def attempts(stack: ProviderStack, provider: str) -> list[Any]:
@@ -67,12 +73,19 @@ def inject(stack: ProviderStack, provider: str, *faults: Fault) -> None:
     stack.standin(provider).inject(*faults)
 
 
-def request(provider: str, text: str = "Say hello", *, model: str | None = None,
-            max_tokens: int | None = None, fallbacks: tuple[str, ...] = ()) -> Any:
+def request(
+    provider: str,
+    text: str = "Say hello",
+    *,
+    model: str | None = None,
+    max_tokens: int | None = None,
+    fallbacks: tuple[str, ...] = (),
+) -> Any:
     req = generation_pb2.GenerateRequest(
         model=model or f"{provider}/{MODELS[provider]}",
         messages=[generation_pb2.ChatMessage(role="user", content=text)],
-        fallback_models=list(fallbacks))
+        fallback_models=list(fallbacks),
+    )
     if max_tokens is not None:
         req.text.max_tokens = max_tokens
     return req
@@ -140,9 +153,16 @@ class SplitErrors:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
-        body = orjson.dumps({"error": {
-            "message": "You exceeded your current quota, please check your plan and billing details.",
-            "type": "insufficient_quota", "param": None, "code": "insufficient_quota"}})
+        body = orjson.dumps(
+            {
+                "error": {
+                    "message": "You exceeded your current quota, please check your plan and billing details.",
+                    "type": "insufficient_quota",
+                    "param": None,
+                    "code": "insufficient_quota",
+                }
+            }
+        )
         response = web.StreamResponse(status=429, headers={"Content-Type": "application/json"})
         await response.prepare(request)
         await response.write(body[:24])
@@ -167,18 +187,34 @@ class SplitErrors:
 
 
 def _config(split_url: str) -> dict[str, Any]:
-    fast = {**FAST, "timeouts": TIMEOUTS, "breaker": {"failure_threshold": 3, "open_s": OPEN_S},
-            "list_models": False}
+    fast = {
+        **FAST,
+        "timeouts": TIMEOUTS,
+        "breaker": {"failure_threshold": 3, "open_s": OPEN_S},
+        "list_models": False,
+    }
     providers: dict[str, Any] = {p: {**fast, "models": [{"name": MODELS[p]}]} for p in PROVIDERS}
     # groq keeps provider_stack's slower timeouts: the first-chunk timeout must act first.
     providers["groq"] = {"list_models": False}
     providers["nowhere"] = {
-        "kind": "openai", "base_url": f"http://127.0.0.1:{DEAD_PORT}/v1", "api_key": KEYS["openai"],
-        **fast}
-    providers["split"] = {"kind": "openai", "base_url": split_url, "api_key": KEYS["openai"], **fast}
-    return {"providers": providers, "routing": {
-        "fallbacks": {"groq/gpt-4o-mini": ["anthropic/claude-sonnet-4-6"]},
-        "first_chunk_timeout_s": FIRST_CHUNK_S}}
+        "kind": "openai",
+        "base_url": f"http://127.0.0.1:{DEAD_PORT}/v1",
+        "api_key": KEYS["openai"],
+        **fast,
+    }
+    providers["split"] = {
+        "kind": "openai",
+        "base_url": split_url,
+        "api_key": KEYS["openai"],
+        **fast,
+    }
+    return {
+        "providers": providers,
+        "routing": {
+            "fallbacks": {"groq/gpt-4o-mini": ["anthropic/claude-sonnet-4-6"]},
+            "first_chunk_timeout_s": FIRST_CHUNK_S,
+        },
+    }
 
 
 @pytest.fixture(scope="module")
@@ -266,8 +302,9 @@ async def test_an_error_body_sent_in_pieces_is_read_whole(stack, split_errors):
 # ---- server errors ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("provider", "status"), [
-    *((p, s) for p in PROVIDERS for s in (500, 503)), ("anthropic", 529)])
+@pytest.mark.parametrize(
+    ("provider", "status"), [*((p, s) for p in PROVIDERS for s in (500, 503)), ("anthropic", 529)]
+)
 @pytest.mark.parametrize("streaming", [False, True], ids=["unary", "stream"])
 async def test_server_errors_are_retried_then_served(stack, provider, status, streaming):
     inject(stack, provider, Fault("status", status=status, times=2))
@@ -308,8 +345,11 @@ async def test_server_error_retry_hint_is_honoured_and_passed_on(stack, provider
 
 @providers
 async def test_bad_request_is_not_retried(stack, provider):
-    inject(stack, provider, Fault("status", status=400, message="Something in the request is wrong.",
-                                  times=5))
+    inject(
+        stack,
+        provider,
+        Fault("status", status=400, message="Something in the request is wrong.", times=5),
+    )
     error = await unary_error(stack, request(provider))
     assert_error(error, CODE.INVALID_ARGUMENT, "PROVIDER_REJECTED_REQUEST")
     assert "Something in the request is wrong." in error.message
@@ -338,8 +378,16 @@ async def test_rejected_credentials_are_not_retried_and_never_echoed(stack, prov
 @providers
 async def test_a_provider_echoing_the_whole_key_is_scrubbed(stack, provider):
     key = KEYS[provider]
-    inject(stack, provider, Fault("status", status=401, times=5,
-                                  message=f"Incorrect API key provided: {key} (header x-key={key})"))
+    inject(
+        stack,
+        provider,
+        Fault(
+            "status",
+            status=401,
+            times=5,
+            message=f"Incorrect API key provided: {key} (header x-key={key})",
+        ),
+    )
     error = await unary_error(stack, request(provider))
     assert_error(error, CODE.FAILED_PRECONDITION, "PROVIDER_AUTH_FAILED")
     assert "Incorrect API key provided" in error.message
@@ -372,8 +420,11 @@ async def test_connection_refused_is_unavailable_after_retries(stack, caplog):
     assert_error(error, CODE.UNAVAILABLE, "PROVIDER_UNAVAILABLE")
     assert "refused" in error.message
     assert str(DEAD_PORT) not in error.message  # no host details reach clients
-    retried = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()
-               and "nowhere/some-model" in r.getMessage()]
+    retried = [
+        r.getMessage()
+        for r in caplog.records
+        if "retrying" in r.getMessage() and "nowhere/some-model" in r.getMessage()
+    ]
     assert len(retried) == FAST["retries"]["max_attempts"] - 1
 
 
@@ -679,8 +730,12 @@ async def test_a_request_from_before_the_circuit_opened_does_not_free_the_probe_
 
 @providers
 async def test_rejected_requests_and_rate_limits_do_not_open_the_circuit(stack, provider):
-    inject(stack, provider, Fault("status", status=400, times=4),
-           Fault("status", status=429, retry_after=0, times=3))
+    inject(
+        stack,
+        provider,
+        Fault("status", status=400, times=4),
+        Fault("status", status=429, retry_after=0, times=3),
+    )
     for _ in range(4):
         assert (await unary_error(stack, request(provider))).code == CODE.INVALID_ARGUMENT
     assert (await unary_error(stack, request(provider))).code == CODE.RESOURCE_EXHAUSTED
@@ -784,7 +839,8 @@ async def test_a_stopped_gateway_leaves_no_tasks_or_connections():
     async with provider_stack() as stack:  # listing on: background tasks exist
         backends = [stack.backend(p) for p in (*PROVIDERS, "groq")]
         assert {t.get_name() for t in pluggably_tasks() - before} == {
-            f"pluggably-list-models:{p}" for p in (*PROVIDERS, "groq")}
+            f"pluggably-list-models:{p}" for p in (*PROVIDERS, "groq")
+        }
         for provider in PROVIDERS:
             standin = stack.standin(provider)
             await stack.generate(request(provider))

@@ -52,8 +52,13 @@ PROMPT = "Tell me about naïve café owners in Zürich 🚀, please"
 async def captured() -> dict[str, bytes]:
     """One raw streaming body per provider, as the stand-ins serve it."""
     bodies: dict[str, bytes] = {}
-    async with (OpenAIStandIn(api_key="k") as openai, AnthropicStandIn(api_key="k") as anthropic,
-                GeminiStandIn(api_key="k") as gemini, aiohttp.ClientSession() as http):
+    async with (
+        OpenAIStandIn(api_key="k") as openai,
+        AnthropicStandIn(api_key="k") as anthropic,
+        GeminiStandIn(api_key="k") as gemini,
+        aiohttp.ClientSession() as http,
+    ):
+
         async def post(url: str, body: dict, headers: dict[str, str]) -> bytes:
             async with http.post(url, json=body, headers=headers) as response:
                 assert response.status == 200, await response.text()
@@ -62,24 +67,45 @@ async def captured() -> dict[str, bytes]:
         openai.script(Reply(tool_calls=[ToolCallSpec("lookup", {"city": "Zürich", "n": 3})]))
         bodies["openai_tools"] = await post(
             openai.base_url + "/v1/chat/completions",
-            {"model": "gpt-4o-mini", "stream": True, "stream_options": {"include_usage": True},
-             "messages": [{"role": "user", "content": PROMPT}],
-             "tools": [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]},
-            {"Authorization": "Bearer k"})
+            {
+                "model": "gpt-4o-mini",
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "messages": [{"role": "user", "content": PROMPT}],
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {"name": "lookup", "parameters": {"type": "object"}},
+                    }
+                ],
+            },
+            {"Authorization": "Bearer k"},
+        )
         bodies["openai"] = await post(
             openai.base_url + "/v1/chat/completions",
-            {"model": "gpt-4o-mini", "stream": True, "stream_options": {"include_usage": True},
-             "messages": [{"role": "user", "content": PROMPT}]},
-            {"Authorization": "Bearer k"})
+            {
+                "model": "gpt-4o-mini",
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "messages": [{"role": "user", "content": PROMPT}],
+            },
+            {"Authorization": "Bearer k"},
+        )
         bodies["anthropic"] = await post(
             anthropic.base_url + "/v1/messages",
-            {"model": "claude-sonnet-4-6", "max_tokens": 200, "stream": True,
-             "messages": [{"role": "user", "content": PROMPT}]},
-            {"x-api-key": "k", "anthropic-version": "2023-06-01"})
+            {
+                "model": "claude-sonnet-4-6",
+                "max_tokens": 200,
+                "stream": True,
+                "messages": [{"role": "user", "content": PROMPT}],
+            },
+            {"x-api-key": "k", "anthropic-version": "2023-06-01"},
+        )
         bodies["gemini"] = await post(
             gemini.base_url + "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse",
             {"contents": [{"role": "user", "parts": [{"text": PROMPT}]}]},
-            {"x-goog-api-key": "k"})
+            {"x-goog-api-key": "k"},
+        )
     return bodies
 
 
@@ -94,7 +120,7 @@ def parse_in_reads(body: bytes, sizes: list[int]) -> tuple[list[SSEEvent], int]:
     events: list[SSEEvent] = []
     at = 0
     for size in sizes:
-        events += parser.feed(body[at:at + size])
+        events += parser.feed(body[at : at + size])
         at += size
     assert at >= len(body)
     return events + parser.close(), parser.comments
@@ -146,9 +172,21 @@ def test_random_read_sizes_give_the_same_events(captured, name: str) -> None:
 
 @pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"], ids=["LF", "CRLF", "CR"])
 def test_line_ends(newline: bytes) -> None:
-    body = (b"event: one" + newline + b"data: a" + newline + b"data: b" + newline + newline
-            + b": comment" + newline + newline
-            + b"data: c" + newline + newline)
+    body = (
+        b"event: one"
+        + newline
+        + b"data: a"
+        + newline
+        + b"data: b"
+        + newline
+        + newline
+        + b": comment"
+        + newline
+        + newline
+        + b"data: c"
+        + newline
+        + newline
+    )
     expected = [SSEEvent(b"a\nb", "one"), SSEEvent(b"c")]
     assert parse_whole(body) == (expected, 1)
     assert parse_in_reads(body, [1] * len(body)) == (expected, 1)
@@ -176,7 +214,8 @@ def test_fields() -> None:
         b"id: 7\nevent: delta\ndata:no-space\ndata:  two spaces\nretry: 100\nunknown: x\n\n"
         b"data\n\n"  # a field without a colon: the whole line is the name, the value is empty
         b"event\ndata: x\n\n"  # a bare `event` resets the name to the default
-        b"id: bad\0id\ndata: y\n\n")  # an id with NUL is ignored; the last id persists
+        b"id: bad\0id\ndata: y\n\n"
+    )  # an id with NUL is ignored; the last id persists
     assert events == [
         SSEEvent(b"no-space\n two spaces", "delta", "7"),
         SSEEvent(b"", "", "7"),
@@ -238,17 +277,22 @@ def test_scrub_removes_credential_shapes(name: str) -> None:
     key = CREDENTIALS[name]
     out = scrub(f"Incorrect API key provided: {key}. Check your settings.")
     assert key not in out and key[:12] not in out and key[-8:] not in out
-    assert out.startswith("Incorrect API key provided: [redacted]") and out.endswith("Check your settings.")
+    assert out.startswith("Incorrect API key provided: [redacted]") and out.endswith(
+        "Check your settings."
+    )
 
 
-@pytest.mark.parametrize("text, secret_part", [
-    ("sent Authorization: Bearer abc.DEF-123_xyz/+= to the API", "abc.DEF-123_xyz"),
-    ("header was Basic dXNlcjpwYXNzd29yZA== and it failed", "dXNlcjpwYXNzd29yZA"),
-    ("GET https://x.test/v1/models?key=AbC123xyz&alt=sse failed", "AbC123xyz"),
-    ("GET https://x.test/v1?token=t0k3n-value&x=1 failed", "t0k3n-value"),
-    ("url ?api_key=plain-secret-value was refused", "plain-secret-value"),
-    ("url ?access_token=ya29.a0AfB_byC failed", "ya29.a0AfB_byC"),
-])
+@pytest.mark.parametrize(
+    "text, secret_part",
+    [
+        ("sent Authorization: Bearer abc.DEF-123_xyz/+= to the API", "abc.DEF-123_xyz"),
+        ("header was Basic dXNlcjpwYXNzd29yZA== and it failed", "dXNlcjpwYXNzd29yZA"),
+        ("GET https://x.test/v1/models?key=AbC123xyz&alt=sse failed", "AbC123xyz"),
+        ("GET https://x.test/v1?token=t0k3n-value&x=1 failed", "t0k3n-value"),
+        ("url ?api_key=plain-secret-value was refused", "plain-secret-value"),
+        ("url ?access_token=ya29.a0AfB_byC failed", "ya29.a0AfB_byC"),
+    ],
+)
 def test_scrub_removes_header_and_query_credentials(text: str, secret_part: str) -> None:
     out = scrub(text)
     assert secret_part not in out and "[redacted]" in out
@@ -264,29 +308,35 @@ def test_scrub_removes_configured_secrets_of_any_shape() -> None:
     assert scrub("a b c", ["", "a"]) == "a b c"
 
 
-@pytest.mark.parametrize("text", [
-    "invalid_request_error",
-    "rate_limit_exceeded",
-    "Rate limit reached for requests. Please try again later.",
-    "model gpt-4o-mini-2024-07-18 does not support desk-lamp mode",
-    "claude-sonnet-4-5-20250929 is deprecated; use claude-sonnet-4-6",
-    "The model `gemini-2.5-flash-lite` does not exist or you do not have access to it.",
-    "max_tokens: 70000 > 64000, which is the maximum allowed number of output tokens",
-    "overloaded_error: Overloaded",
-    "api_error",
-    "Invalid value at 'generation_config.temperature' (TYPE_FLOAT), \"hot\"",
-    "context_length_exceeded: This model's maximum context length is 128000 tokens.",
-    "invalid_api_key",
-    "task-runner-queue is full",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "invalid_request_error",
+        "rate_limit_exceeded",
+        "Rate limit reached for requests. Please try again later.",
+        "model gpt-4o-mini-2024-07-18 does not support desk-lamp mode",
+        "claude-sonnet-4-5-20250929 is deprecated; use claude-sonnet-4-6",
+        "The model `gemini-2.5-flash-lite` does not exist or you do not have access to it.",
+        "max_tokens: 70000 > 64000, which is the maximum allowed number of output tokens",
+        "overloaded_error: Overloaded",
+        "api_error",
+        "Invalid value at 'generation_config.temperature' (TYPE_FLOAT), \"hot\"",
+        "context_length_exceeded: This model's maximum context length is 128000 tokens.",
+        "invalid_api_key",
+        "task-runner-queue is full",
+    ],
+)
 def test_scrub_keeps_ordinary_error_text(text: str) -> None:
     assert scrub(text) == text
 
 
-@pytest.mark.parametrize("text", [
-    "Basic authentication is not supported; send the key as a bearer credential",
-    "monkey=banana is not a valid option",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Basic authentication is not supported; send the key as a bearer credential",
+        "monkey=banana is not a valid option",
+    ],
+)
 def test_scrub_keeps_words_that_resemble_credential_prefixes(text: str) -> None:
     assert scrub(text) == text
 
@@ -302,17 +352,20 @@ def test_scrub_truncates_and_collapses_whitespace() -> None:
 # ---- retry hints and back-off -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("headers, expected", [
-    ({"Retry-After": "7"}, 7.0),
-    ({"retry-after": "1.5"}, 1.5),
-    ({"Retry-After": "-3"}, 0.0),
-    ({"retry-after-ms": "250"}, 0.25),
-    ({"Retry-After-Ms": "1500", "Retry-After": "9"}, 1.5),  # the precise header wins
-    ({"retry-after-ms": "soon", "Retry-After": "4"}, 4.0),  # a bad ms header falls back
-    ({"Retry-After": "tomorrow"}, None),
-    ({"Retry-After": ""}, None),
-    ({}, None),
-])
+@pytest.mark.parametrize(
+    "headers, expected",
+    [
+        ({"Retry-After": "7"}, 7.0),
+        ({"retry-after": "1.5"}, 1.5),
+        ({"Retry-After": "-3"}, 0.0),
+        ({"retry-after-ms": "250"}, 0.25),
+        ({"Retry-After-Ms": "1500", "Retry-After": "9"}, 1.5),  # the precise header wins
+        ({"retry-after-ms": "soon", "Retry-After": "4"}, 4.0),  # a bad ms header falls back
+        ({"Retry-After": "tomorrow"}, None),
+        ({"Retry-After": ""}, None),
+        ({}, None),
+    ],
+)
 def test_retry_after(headers: dict[str, str], expected: float | None) -> None:
     assert retry_after_s(CIMultiDict(headers)) == expected
 
@@ -324,7 +377,9 @@ def test_retry_after_http_date() -> None:
     assert retry_after_s(CIMultiDict({"Retry-After": past})) == 0.0
 
 
-@pytest.mark.parametrize("attempt, ceiling", [(1, 0.5), (2, 1.0), (3, 2.0), (4, 4.0), (5, 5.0), (9, 5.0)])
+@pytest.mark.parametrize(
+    "attempt, ceiling", [(1, 0.5), (2, 1.0), (3, 2.0), (4, 4.0), (5, 5.0), (9, 5.0)]
+)
 def test_backoff_bounds_and_jitter(attempt: int, ceiling: float) -> None:
     random.seed(attempt)
     delays = [backoff_s(attempt, 0.5, 5.0) for _ in range(400)]
@@ -462,38 +517,131 @@ def fail(**kwargs):  # type: ignore[no-untyped-def]
     return upstream_failure(UpstreamError(**kwargs), provider=P, model_id=M)
 
 
-@pytest.mark.parametrize("err, cls, reason, retryable, breaker", [
-    (dict(status=401, message="bad key"), FailedPrecondition, "PROVIDER_AUTH_FAILED", False, False),
-    (dict(status=403, message="forbidden"), FailedPrecondition, "PROVIDER_AUTH_FAILED", False, False),
-    (dict(status=200, kind="auth"), FailedPrecondition, "PROVIDER_AUTH_FAILED", False, False),
-    (dict(status=429, message="slow down"), ResourceExhausted, "PROVIDER_RATE_LIMITED", True, False),
-    (dict(status=429, kind="quota"), ResourceExhausted, "PROVIDER_QUOTA_EXCEEDED", False, False),
-    (dict(status=402, kind="quota"), ResourceExhausted, "PROVIDER_QUOTA_EXCEEDED", False, False),
-    (dict(status=200, kind="rate_limit"), ResourceExhausted, "PROVIDER_RATE_LIMITED", True, False),
-    (dict(status=500), Unavailable, "PROVIDER_UNAVAILABLE", True, True),
-    (dict(status=502), Unavailable, "PROVIDER_UNAVAILABLE", True, True),
-    (dict(status=503), Unavailable, "PROVIDER_UNAVAILABLE", True, True),
-    (dict(status=504), Unavailable, "PROVIDER_UNAVAILABLE", True, True),
-    (dict(status=529), Unavailable, "PROVIDER_UNAVAILABLE", True, True),
-    (dict(status=408), Unavailable, "PROVIDER_UNAVAILABLE", True, True),
-    (dict(status=409), Unavailable, "PROVIDER_UNAVAILABLE", True, True),
-    (dict(status=200, kind="overloaded"), Unavailable, "PROVIDER_UNAVAILABLE", True, True),
-    (dict(status=404, message="no such model"), NotFound, "PROVIDER_MODEL_NOT_FOUND", False, False),
-    (dict(status=400, message="bad"), InvalidArgument, "PROVIDER_REJECTED_REQUEST", False, False),
-    (dict(status=422, message="bad"), InvalidArgument, "PROVIDER_REJECTED_REQUEST", False, False),
-    (dict(status=400, kind="content_filter"), InvalidArgument, "CONTENT_FILTERED", False, False),
-    (dict(status=400, kind="context_length"), InvalidArgument, "CONTEXT_LENGTH_EXCEEDED", False, False),
-    (dict(status=400, message="This model's maximum context length is 8192 tokens"),
-     InvalidArgument, "CONTEXT_LENGTH_EXCEEDED", False, False),
-    (dict(status=413, message="prompt is too long: 210000 tokens > 200000 maximum"),
-     InvalidArgument, "CONTEXT_LENGTH_EXCEEDED", False, False),
-    (dict(status=400, message="The input token count (1200000) exceeds the maximum number of tokens allowed (1048576)."),
-     InvalidArgument, "CONTEXT_LENGTH_EXCEEDED", False, False),
-])
-def test_upstream_failure_table(err: dict, cls: type, reason: str, retryable: bool, breaker: bool) -> None:
+@pytest.mark.parametrize(
+    "err, cls, reason, retryable, breaker",
+    [
+        (
+            dict(status=401, message="bad key"),
+            FailedPrecondition,
+            "PROVIDER_AUTH_FAILED",
+            False,
+            False,
+        ),
+        (
+            dict(status=403, message="forbidden"),
+            FailedPrecondition,
+            "PROVIDER_AUTH_FAILED",
+            False,
+            False,
+        ),
+        (dict(status=200, kind="auth"), FailedPrecondition, "PROVIDER_AUTH_FAILED", False, False),
+        (
+            dict(status=429, message="slow down"),
+            ResourceExhausted,
+            "PROVIDER_RATE_LIMITED",
+            True,
+            False,
+        ),
+        (
+            dict(status=429, kind="quota"),
+            ResourceExhausted,
+            "PROVIDER_QUOTA_EXCEEDED",
+            False,
+            False,
+        ),
+        (
+            dict(status=402, kind="quota"),
+            ResourceExhausted,
+            "PROVIDER_QUOTA_EXCEEDED",
+            False,
+            False,
+        ),
+        (
+            dict(status=200, kind="rate_limit"),
+            ResourceExhausted,
+            "PROVIDER_RATE_LIMITED",
+            True,
+            False,
+        ),
+        (dict(status=500), Unavailable, "PROVIDER_UNAVAILABLE", True, True),
+        (dict(status=502), Unavailable, "PROVIDER_UNAVAILABLE", True, True),
+        (dict(status=503), Unavailable, "PROVIDER_UNAVAILABLE", True, True),
+        (dict(status=504), Unavailable, "PROVIDER_UNAVAILABLE", True, True),
+        (dict(status=529), Unavailable, "PROVIDER_UNAVAILABLE", True, True),
+        (dict(status=408), Unavailable, "PROVIDER_UNAVAILABLE", True, True),
+        (dict(status=409), Unavailable, "PROVIDER_UNAVAILABLE", True, True),
+        (dict(status=200, kind="overloaded"), Unavailable, "PROVIDER_UNAVAILABLE", True, True),
+        (
+            dict(status=404, message="no such model"),
+            NotFound,
+            "PROVIDER_MODEL_NOT_FOUND",
+            False,
+            False,
+        ),
+        (
+            dict(status=400, message="bad"),
+            InvalidArgument,
+            "PROVIDER_REJECTED_REQUEST",
+            False,
+            False,
+        ),
+        (
+            dict(status=422, message="bad"),
+            InvalidArgument,
+            "PROVIDER_REJECTED_REQUEST",
+            False,
+            False,
+        ),
+        (
+            dict(status=400, kind="content_filter"),
+            InvalidArgument,
+            "CONTENT_FILTERED",
+            False,
+            False,
+        ),
+        (
+            dict(status=400, kind="context_length"),
+            InvalidArgument,
+            "CONTEXT_LENGTH_EXCEEDED",
+            False,
+            False,
+        ),
+        (
+            dict(status=400, message="This model's maximum context length is 8192 tokens"),
+            InvalidArgument,
+            "CONTEXT_LENGTH_EXCEEDED",
+            False,
+            False,
+        ),
+        (
+            dict(status=413, message="prompt is too long: 210000 tokens > 200000 maximum"),
+            InvalidArgument,
+            "CONTEXT_LENGTH_EXCEEDED",
+            False,
+            False,
+        ),
+        (
+            dict(
+                status=400,
+                message="The input token count (1200000) exceeds the maximum number of tokens allowed (1048576).",
+            ),
+            InvalidArgument,
+            "CONTEXT_LENGTH_EXCEEDED",
+            False,
+            False,
+        ),
+    ],
+)
+def test_upstream_failure_table(
+    err: dict, cls: type, reason: str, retryable: bool, breaker: bool
+) -> None:
     failure = fail(**err)
     assert type(failure.error) is cls
-    assert (failure.error.reason, failure.retryable, failure.breaker) == (reason, retryable, breaker)
+    assert (failure.error.reason, failure.retryable, failure.breaker) == (
+        reason,
+        retryable,
+        breaker,
+    )
 
 
 def test_rate_limit_retry_info() -> None:
@@ -508,11 +656,16 @@ def test_rate_limit_retry_info() -> None:
 
 
 def test_unavailable_carries_the_hint_and_metadata() -> None:
-    failure = fail(status=503, retry_after_s=2.5, type="server_error", request_id="req_" + "x" * 200)
+    failure = fail(
+        status=503, retry_after_s=2.5, type="server_error", request_id="req_" + "x" * 200
+    )
     error = failure.error
     assert error.retry_after_s == 2.5 and failure.retry_after_s == 2.5
     assert error.metadata["provider"] == "openai" and error.metadata["model"] == M
-    assert error.metadata["upstream_status"] == "503" and error.metadata["upstream_error"] == "server_error"
+    assert (
+        error.metadata["upstream_status"] == "503"
+        and error.metadata["upstream_error"] == "server_error"
+    )
     assert error.metadata["upstream_request_id"] == "req_" + "x" * 124  # bounded
     assert fail(status=500).error.retry_after_s is None
     assert "(in-stream error)" in fail(status=0, kind="overloaded").error.message
@@ -524,24 +677,27 @@ def test_not_found_names_the_model() -> None:
     assert error.metadata["provider"] == "openai" and "gpt-9" in error.message
 
 
-@pytest.mark.parametrize("param, field", [
-    ("temperature", "text.temperature"),
-    ("max_tokens", "text.max_tokens"),
-    ("max_completion_tokens", "text.max_tokens"),
-    ("maxOutputTokens", "text.max_tokens"),
-    ("stop_sequences", "text.stop"),
-    ("top_k", "text.top_k"),
-    ("seed", "text.seed"),
-    ("response_format.json_schema.schema", "text.response_format"),
-    ("messages[2].content", "messages[2].content"),
-    ("messages.1.content.0.source", "messages.1.content.0.source"),
-    ("tools[0].function.name", "tools[0].function.name"),
-    ("tool_choice", "tool_choice"),
-    ("contents[1].parts[0]", "messages[1].parts[0]"),
-    ("system", "messages"),
-    ("logit_bias", "provider_options.logit_bias"),
-    ("  reasoning_effort ", "provider_options.reasoning_effort"),
-])
+@pytest.mark.parametrize(
+    "param, field",
+    [
+        ("temperature", "text.temperature"),
+        ("max_tokens", "text.max_tokens"),
+        ("max_completion_tokens", "text.max_tokens"),
+        ("maxOutputTokens", "text.max_tokens"),
+        ("stop_sequences", "text.stop"),
+        ("top_k", "text.top_k"),
+        ("seed", "text.seed"),
+        ("response_format.json_schema.schema", "text.response_format"),
+        ("messages[2].content", "messages[2].content"),
+        ("messages.1.content.0.source", "messages.1.content.0.source"),
+        ("tools[0].function.name", "tools[0].function.name"),
+        ("tool_choice", "tool_choice"),
+        ("contents[1].parts[0]", "messages[1].parts[0]"),
+        ("system", "messages"),
+        ("logit_bias", "provider_options.logit_bias"),
+        ("  reasoning_effort ", "provider_options.reasoning_effort"),
+    ],
+)
 def test_rejected_request_names_the_field(param: str, field: str) -> None:
     error = fail(status=400, message="Invalid value", param=param).error
     assert isinstance(error, InvalidArgument) and error.reason == "PROVIDER_REJECTED_REQUEST"
@@ -551,30 +707,43 @@ def test_rejected_request_names_the_field(param: str, field: str) -> None:
 
 
 def test_context_length_field() -> None:
-    assert [v.field for v in fail(status=400, kind="context_length", param="max_tokens").error.violations] == [
-        "text.max_tokens"]
-    assert [v.field for v in fail(status=400, kind="context_length").error.violations] == ["messages"]
+    assert [
+        v.field
+        for v in fail(status=400, kind="context_length", param="max_tokens").error.violations
+    ] == ["text.max_tokens"]
+    assert [v.field for v in fail(status=400, kind="context_length").error.violations] == [
+        "messages"
+    ]
 
 
 def test_upstream_messages_are_scrubbed() -> None:
     key = CREDENTIALS["openai project"]
     failure = upstream_failure(
         UpstreamError(status=401, message=f"Incorrect API key provided: {key}", type=f"bad {key}"),
-        provider=P, model_id=M, secrets=["my-configured-header-secret"])
+        provider=P,
+        model_id=M,
+        secrets=["my-configured-header-secret"],
+    )
     assert key not in failure.error.message and key not in str(failure.error.metadata)
     assert key not in str(failure)
     other = fail(status=500, message="echo my-configured-header-secret")
     assert "my-configured-header-secret" in other.error.message  # only the given secrets go
-    scrubbed = upstream_failure(UpstreamError(status=500, message="echo my-configured-header-secret"),
-                                provider=P, model_id=M, secrets=["my-configured-header-secret"])
+    scrubbed = upstream_failure(
+        UpstreamError(status=500, message="echo my-configured-header-secret"),
+        provider=P,
+        model_id=M,
+        secrets=["my-configured-header-secret"],
+    )
     assert "my-configured-header-secret" not in scrubbed.error.message
     assert fail(status=503).error.message.endswith("HTTP 503")  # an empty message says something
 
 
 def test_transport_failures() -> None:
-    for failure, reason in ((connection_failure(P, M, "refused"), "PROVIDER_UNAVAILABLE"),
-                            (timeout_failure(P, M, "waiting", 2.0), "PROVIDER_TIMEOUT"),
-                            (bad_response(P, M, "malformed JSON"), "PROVIDER_BAD_RESPONSE")):
+    for failure, reason in (
+        (connection_failure(P, M, "refused"), "PROVIDER_UNAVAILABLE"),
+        (timeout_failure(P, M, "waiting", 2.0), "PROVIDER_TIMEOUT"),
+        (bad_response(P, M, "malformed JSON"), "PROVIDER_BAD_RESPONSE"),
+    ):
         assert isinstance(failure.error, Unavailable) and failure.error.reason == reason
         assert failure.retryable and failure.breaker
     assert "2s" in timeout_failure(P, M, "waiting", 2.0).error.message

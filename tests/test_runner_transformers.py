@@ -402,7 +402,10 @@ async def test_provider_options_policy(backend: TransformersTextBackend) -> None
     # The dataplane enforces the policy before the runner sees a request (tests/test_dataplane.py).
     policy = backend.provider_options(await backend.get_model("tiny"))
     violations = policy.check({"best_of": 3.0, "ignore_eos": "yes"}, "local/tiny")
-    assert [v.field for v in violations] == ["provider_options.best_of", "provider_options.ignore_eos"]
+    assert [v.field for v in violations] == [
+        "provider_options.best_of",
+        "provider_options.ignore_eos",
+    ]
     assert policy.check({"ignore_eos": True}, "local/tiny") == []
 
 

@@ -26,7 +26,8 @@ from pluggably.devtools.standins.openai import (
 API_KEY = "sk-standin-test-0123456789"
 MODEL = "gpt-4o-mini"
 PNG_1X1 = base64.b64decode(
-    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg==")
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+)
 PNG_DATA_URL = "data:image/png;base64," + base64.b64encode(PNG_1X1).decode()
 
 WEATHER_TOOL = {
@@ -48,10 +49,21 @@ WEATHER_TOOL = {
         },
     },
 }
-WEATHER_ARGS = {"city": "stand-in", "unit": "celsius", "days": 1, "detailed": True, "tags": [],
-                "where": {"lat": 1}}
-TIME_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {
-    "type": "object", "properties": {"zone": {"type": "string"}}}}}
+WEATHER_ARGS = {
+    "city": "stand-in",
+    "unit": "celsius",
+    "days": 1,
+    "detailed": True,
+    "tags": [],
+    "where": {"lat": 1},
+}
+TIME_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}},
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +80,9 @@ def s(standin: OpenAIStandIn) -> OpenAIStandIn:
 
 @pytest.fixture
 async def client(s: OpenAIStandIn):
-    async with AsyncOpenAI(api_key=API_KEY, base_url=f"{s.base_url}/v1", max_retries=0,
-                           timeout=5) as c:
+    async with AsyncOpenAI(
+        api_key=API_KEY, base_url=f"{s.base_url}/v1", max_retries=0, timeout=5
+    ) as c:
         yield c
 
 
@@ -77,14 +90,16 @@ def user(text: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": text}]
 
 
-async def post(s: OpenAIStandIn, body: Any, *, key: str | None = API_KEY,
-               path: str = "/v1/chat/completions") -> tuple[int, Any, Any]:
+async def post(
+    s: OpenAIStandIn, body: Any, *, key: str | None = API_KEY, path: str = "/v1/chat/completions"
+) -> tuple[int, Any, Any]:
     """Raw POST: status, parsed JSON body (or raw bytes), headers."""
     headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
     async with aiohttp.ClientSession() as session:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        async with session.post(s.base_url + path, data=data, headers={
-                **headers, "Content-Type": "application/json"}) as resp:
+        async with session.post(
+            s.base_url + path, data=data, headers={**headers, "Content-Type": "application/json"}
+        ) as resp:
             raw = await resp.read()
             try:
                 parsed = json.loads(raw)
@@ -97,14 +112,20 @@ def sse_events(raw: bytes) -> list[str]:
     """Each SSE event's data (multi-line data joined with "\\n"), comments skipped."""
     events = []
     for block in raw.decode().split("\n\n"):
-        lines = [line[len("data: "):] for line in block.split("\n") if line.startswith("data: ")]
+        lines = [line[len("data: ") :] for line in block.split("\n") if line.startswith("data: ")]
         if lines:
             events.append("\n".join(lines))
     return events
 
 
-def assert_error(body: Any, *, message: str, code: str | None = None,
-                 type_: str = "invalid_request_error", param: str | None = None) -> None:
+def assert_error(
+    body: Any,
+    *,
+    message: str,
+    code: str | None = None,
+    type_: str = "invalid_request_error",
+    param: str | None = None,
+) -> None:
     assert set(body["error"]) == {"message", "type", "param", "code"}
     assert message in body["error"]["message"]
     assert body["error"]["type"] == type_
@@ -144,7 +165,8 @@ async def test_streamed_text_matches_unary_with_usage_chunk(client):
     messages = user("Tell me something")
     unary = await client.chat.completions.create(model=MODEL, messages=messages)
     stream = await client.chat.completions.create(
-        model=MODEL, messages=messages, stream=True, stream_options={"include_usage": True})
+        model=MODEL, messages=messages, stream=True, stream_options={"include_usage": True}
+    )
     chunks = [chunk async for chunk in stream]
     assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
     assert all(c.object == "chat.completion.chunk" for c in chunks)
@@ -165,8 +187,11 @@ async def test_streamed_text_matches_unary_with_usage_chunk(client):
 
 async def stream_raw(s: OpenAIStandIn, body: dict[str, Any]) -> bytes:
     async with aiohttp.ClientSession() as session:
-        async with session.post(f"{s.base_url}/v1/chat/completions", json=body,
-                                headers={"Authorization": f"Bearer {API_KEY}"}) as resp:
+        async with session.post(
+            f"{s.base_url}/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {API_KEY}"},
+        ) as resp:
             assert resp.status == 200
             assert resp.headers["Content-Type"].startswith("text/event-stream")
             assert resp.headers["x-request-id"].startswith("req_")
@@ -178,20 +203,37 @@ async def test_stream_usage_and_obfuscation_follow_stream_options(s):
     chunks = [json.loads(e) for e in sse_events(raw)[:-1]]
     assert all("usage" not in c and "obfuscation" in c for c in chunks)
     assert all(c["choices"] for c in chunks)
-    raw = await stream_raw(s, {"model": MODEL, "messages": user("hi"), "stream": True,
-                               "stream_options": {"include_obfuscation": False}})
+    raw = await stream_raw(
+        s,
+        {
+            "model": MODEL,
+            "messages": user("hi"),
+            "stream": True,
+            "stream_options": {"include_obfuscation": False},
+        },
+    )
     assert all("obfuscation" not in json.loads(e) for e in sse_events(raw)[:-1])
 
 
 async def test_stream_raw_framing(s):
-    raw = await stream_raw(s, {"model": MODEL, "messages": user("frame me"), "stream": True,
-                               "stream_options": {"include_usage": True}})
+    raw = await stream_raw(
+        s,
+        {
+            "model": MODEL,
+            "messages": user("frame me"),
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
     assert b"\n: keep-alive\n\n" in raw
     assert raw.endswith(b"data: [DONE]\n\n")
     # One chunk's JSON is spread over two data: lines: only the joined text parses.
     lines = raw.split(b"\n")
-    split_at = [i for i, line in enumerate(lines)
-                if line.startswith(b"data: ") and lines[i + 1].startswith(b"data: ")]
+    split_at = [
+        i
+        for i, line in enumerate(lines)
+        if line.startswith(b"data: ") and lines[i + 1].startswith(b"data: ")
+    ]
     assert split_at
     with pytest.raises(ValueError):
         json.loads(lines[split_at[0]][6:])
@@ -207,32 +249,45 @@ async def test_stream_raw_framing(s):
 
 async def test_max_tokens_truncates_with_length(client):
     messages = user("one two three four five")
-    completion = await client.chat.completions.create(model=MODEL, messages=messages,
-                                                      max_completion_tokens=4)
+    completion = await client.chat.completions.create(
+        model=MODEL, messages=messages, max_completion_tokens=4
+    )
     assert completion.choices[0].finish_reason == "length"
     assert completion.choices[0].message.content == "Hello from the openai"
     assert completion.usage.completion_tokens == 4
-    stream = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4,
-                                                  stream=True)
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=4, stream=True
+    )
     chunks = [c async for c in stream]
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Hello from the openai"
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
 async def test_stop_sequence_cuts_default_text(client):
-    completion = await client.chat.completions.create(model=MODEL, messages=user("x"),
-                                                      stop=["stand-in"])
+    completion = await client.chat.completions.create(
+        model=MODEL, messages=user("x"), stop=["stand-in"]
+    )
     assert completion.choices[0].message.content == "Hello from the openai "
     assert completion.choices[0].finish_reason == "stop"
 
 
 async def test_scripted_reply_overrides_everything(s, client):
-    s.script(Reply(text="alpha beta gamma delta", chunks=3, prompt_tokens=11,
-                   completion_tokens=7, model="gpt-4o-mini-2099-01-01"))
+    s.script(
+        Reply(
+            text="alpha beta gamma delta",
+            chunks=3,
+            prompt_tokens=11,
+            completion_tokens=7,
+            model="gpt-4o-mini-2099-01-01",
+        )
+    )
     stream = await client.chat.completions.create(
-        model=MODEL, messages=user("hi"), stream=True, stream_options={"include_usage": True})
+        model=MODEL, messages=user("hi"), stream=True, stream_options={"include_usage": True}
+    )
     chunks = [c async for c in stream]
-    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    deltas = [
+        c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content
+    ]
     assert deltas == ["alpha beta ", "gamma ", "delta"]
     assert chunks[-1].usage.prompt_tokens == 11 and chunks[-1].usage.completion_tokens == 7
     assert {c.model for c in chunks} == {"gpt-4o-mini-2099-01-01"}
@@ -252,7 +307,8 @@ async def test_scripted_reply_overrides_everything(s, client):
 
 async def test_tool_call_unary_from_schema(client):
     completion = await client.chat.completions.create(
-        model=MODEL, messages=user("Weather in Paris?"), tools=[WEATHER_TOOL, TIME_TOOL])
+        model=MODEL, messages=user("Weather in Paris?"), tools=[WEATHER_TOOL, TIME_TOOL]
+    )
     choice = completion.choices[0]
     assert choice.finish_reason == "tool_calls"
     assert choice.message.content is None
@@ -265,23 +321,30 @@ async def test_tool_call_unary_from_schema(client):
 
 async def test_forced_tool_choice_calls_that_tool_and_finishes_with_stop(client):
     completion = await client.chat.completions.create(
-        model=MODEL, messages=user("What time is it?"), tools=[WEATHER_TOOL, TIME_TOOL],
-        tool_choice={"type": "function", "function": {"name": "get_time"}})
+        model=MODEL,
+        messages=user("What time is it?"),
+        tools=[WEATHER_TOOL, TIME_TOOL],
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+    )
     choice = completion.choices[0]
     assert choice.message.tool_calls[0].function.name == "get_time"
     assert json.loads(choice.message.tool_calls[0].function.arguments) == {"zone": "stand-in"}
     # The real API reports "stop" when the function was named in tool_choice.
     assert choice.finish_reason == "stop"
     none = await client.chat.completions.create(
-        model=MODEL, messages=user("hi"), tools=[WEATHER_TOOL], tool_choice="none")
+        model=MODEL, messages=user("hi"), tools=[WEATHER_TOOL], tool_choice="none"
+    )
     assert none.choices[0].message.tool_calls is None
     assert none.choices[0].message.content == echo_text("openai", "hi")
 
 
 async def test_tool_call_streamed_and_accumulated_by_sdk(s, client):
     async with client.chat.completions.stream(
-            model=MODEL, messages=user("Weather?"), tools=[WEATHER_TOOL],
-            stream_options={"include_usage": True}) as stream:
+        model=MODEL,
+        messages=user("Weather?"),
+        tools=[WEATHER_TOOL],
+        stream_options={"include_usage": True},
+    ) as stream:
         final = await stream.get_final_completion()
     (call,) = final.choices[0].message.tool_calls
     assert call.id.startswith("call_") and call.function.name == "get_weather"
@@ -289,19 +352,34 @@ async def test_tool_call_streamed_and_accumulated_by_sdk(s, client):
     assert final.choices[0].finish_reason == "tool_calls"
     assert final.usage.completion_tokens == count_tokens(call.function.arguments)
 
-    s.script(Reply(tool_calls=[ToolCallSpec("get_weather", {"city": "Oslo"}, id="call_fixed1"),
-                               ToolCallSpec("get_time", {"zone": "CET"})]))
-    raw = await stream_raw(s, {"model": MODEL, "messages": user("both"), "stream": True,
-                               "tools": [WEATHER_TOOL, TIME_TOOL]})
+    s.script(
+        Reply(
+            tool_calls=[
+                ToolCallSpec("get_weather", {"city": "Oslo"}, id="call_fixed1"),
+                ToolCallSpec("get_time", {"zone": "CET"}),
+            ]
+        )
+    )
+    raw = await stream_raw(
+        s,
+        {
+            "model": MODEL,
+            "messages": user("both"),
+            "stream": True,
+            "tools": [WEATHER_TOOL, TIME_TOOL],
+        },
+    )
     deltas = [json.loads(e)["choices"][0]["delta"] for e in sse_events(raw)[:-1]]
     calls = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
     heads = [c for c in calls if "id" in c]
     assert [(h["index"], h["id"], h["function"]) for h in heads[:1]] == [
-        (0, "call_fixed1", {"name": "get_weather", "arguments": ""})]
+        (0, "call_fixed1", {"name": "get_weather", "arguments": ""})
+    ]
     assert heads[1]["index"] == 1 and heads[1]["id"].startswith("call_")
     for index, expected in ((0, {"city": "Oslo"}), (1, {"zone": "CET"})):
-        fragments = [c["function"]["arguments"] for c in calls
-                     if c["index"] == index and "id" not in c]
+        fragments = [
+            c["function"]["arguments"] for c in calls if c["index"] == index and "id" not in c
+        ]
         assert len(fragments) >= 3
         assert all(set(c) == {"index", "function"} for c in calls if "id" not in c)
         assert json.loads("".join(fragments)) == expected
@@ -310,17 +388,27 @@ async def test_tool_call_streamed_and_accumulated_by_sdk(s, client):
 async def test_tool_result_gets_acknowledged(client):
     messages = [
         *user("Weather in Oslo?"),
-        {"role": "assistant", "content": None, "tool_calls": [{
-            "id": "call_abc", "type": "function",
-            "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_abc",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'},
+                }
+            ],
+        },
         {"role": "tool", "tool_call_id": "call_abc", "content": "22C and sunny"},
     ]
-    completion = await client.chat.completions.create(model=MODEL, messages=messages,
-                                                      tools=[WEATHER_TOOL])
+    completion = await client.chat.completions.create(
+        model=MODEL, messages=messages, tools=[WEATHER_TOOL]
+    )
     assert completion.choices[0].message.content == "Tool result received: 22C and sunny"
     assert completion.choices[0].finish_reason == "stop"
     assert completion.usage.prompt_tokens == count_tokens(
-        'Weather in Oslo? {"city":"Oslo"} 22C and sunny')
+        'Weather in Oslo? {"city":"Oslo"} 22C and sunny'
+    )
 
 
 # ---- JSON modes and images ----------------------------------------------------------------------
@@ -328,13 +416,15 @@ async def test_tool_result_gets_acknowledged(client):
 
 async def test_json_object_mode(client):
     completion = await client.chat.completions.create(
-        model=MODEL, messages=user("Answer in JSON please"),
-        response_format={"type": "json_object"})
+        model=MODEL, messages=user("Answer in JSON please"), response_format={"type": "json_object"}
+    )
     assert json.loads(completion.choices[0].message.content) == {
-        "reply": echo_text("openai", "Answer in JSON please")}
+        "reply": echo_text("openai", "Answer in JSON please")
+    }
     with pytest.raises(openai.BadRequestError) as err:
-        await client.chat.completions.create(model=MODEL, messages=user("no keyword"),
-                                             response_format={"type": "json_object"})
+        await client.chat.completions.create(
+            model=MODEL, messages=user("no keyword"), response_format={"type": "json_object"}
+        )
     assert "must contain the word 'json'" in err.value.message
     assert err.value.param == "messages"
 
@@ -353,10 +443,12 @@ class Answer(BaseModel):
 
 async def test_strict_json_schema_parses_with_sdk(client):
     completion = await client.chat.completions.parse(
-        model=MODEL, messages=user("Describe a city"), response_format=Answer)
+        model=MODEL, messages=user("Describe a city"), response_format=Answer
+    )
     parsed = completion.choices[0].message.parsed
-    assert parsed == Answer(city=City(name="stand-in", population=1, coastal=True, districts=[]),
-                            kind="stand-in")
+    assert parsed == Answer(
+        city=City(name="stand-in", population=1, coastal=True, districts=[]), kind="stand-in"
+    )
 
 
 async def test_image_input_is_mentioned_and_counted(client):
@@ -366,9 +458,11 @@ async def test_image_input_is_mentioned_and_counted(client):
         {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}},
     ]
     completion = await client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": content}])
+        model=MODEL, messages=[{"role": "user", "content": content}]
+    )
     assert completion.choices[0].message.content == (
-        echo_text("openai", "What is in these?") + " (saw 2 image(s))")
+        echo_text("openai", "What is in these?") + " (saw 2 image(s))"
+    )
     assert completion.usage.prompt_tokens == 4 + 2 * 85
 
 
@@ -389,8 +483,7 @@ async def test_models_list_and_retrieve(client):
 
 async def test_custom_models_and_open_auth():
     async with OpenAIStandIn(api_key=None, models=[OpenAIModel("local-llm", owned_by="me")]) as s:
-        async with AsyncOpenAI(api_key="anything", base_url=f"{s.base_url}/v1",
-                               max_retries=0) as c:
+        async with AsyncOpenAI(api_key="anything", base_url=f"{s.base_url}/v1", max_retries=0) as c:
             assert [m.id async for m in c.models.list()] == ["local-llm"]
             completion = await c.chat.completions.create(model="local-llm", messages=user("hi"))
         assert completion.model == "local-llm"
@@ -409,17 +502,20 @@ async def test_unknown_and_non_chat_models_are_404(client):
 # ---- errors through the SDK ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("status", "exc_class", "type_", "code"), [
-    (400, openai.BadRequestError, "invalid_request_error", None),
-    (401, openai.AuthenticationError, "invalid_request_error", "invalid_api_key"),
-    (403, openai.PermissionDeniedError, "invalid_request_error", None),
-    (404, openai.NotFoundError, "invalid_request_error", "model_not_found"),
-    (409, openai.ConflictError, "invalid_request_error", None),
-    (422, openai.UnprocessableEntityError, "invalid_request_error", None),
-    (429, openai.RateLimitError, "requests", "rate_limit_exceeded"),
-    (500, openai.InternalServerError, "server_error", None),
-    (503, openai.InternalServerError, "server_error", None),
-])
+@pytest.mark.parametrize(
+    ("status", "exc_class", "type_", "code"),
+    [
+        (400, openai.BadRequestError, "invalid_request_error", None),
+        (401, openai.AuthenticationError, "invalid_request_error", "invalid_api_key"),
+        (403, openai.PermissionDeniedError, "invalid_request_error", None),
+        (404, openai.NotFoundError, "invalid_request_error", "model_not_found"),
+        (409, openai.ConflictError, "invalid_request_error", None),
+        (422, openai.UnprocessableEntityError, "invalid_request_error", None),
+        (429, openai.RateLimitError, "requests", "rate_limit_exceeded"),
+        (500, openai.InternalServerError, "server_error", None),
+        (503, openai.InternalServerError, "server_error", None),
+    ],
+)
 async def test_status_faults_map_to_sdk_exceptions(s, client, status, exc_class, type_, code):
     s.inject(Fault("status", status=status, message=f"boom {status}"))
     with pytest.raises(exc_class) as err:
@@ -446,10 +542,17 @@ async def test_rate_limit_retry_hints_and_quota_type(s, client):
 
 
 async def test_in_stream_error_raises_api_error(s, client):
-    s.inject(Fault("stream_error", after_chunks=2, message="The model is overloaded.",
-                   error_type="server_error"))
-    stream = await client.chat.completions.create(model=MODEL, messages=user("hi there"),
-                                                  stream=True)
+    s.inject(
+        Fault(
+            "stream_error",
+            after_chunks=2,
+            message="The model is overloaded.",
+            error_type="server_error",
+        )
+    )
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=user("hi there"), stream=True
+    )
     seen = []
     with pytest.raises(openai.APIError) as err:
         async for chunk in stream:
@@ -470,104 +573,299 @@ async def test_auth_is_checked(s):
     assert headers["x-request-id"].startswith("req_")
     status, body, _ = await post(s, {"model": MODEL, "messages": user("hi")}, key="sk-wrong-key-99")
     assert status == 401
-    assert_error(body, message="Incorrect API key provided: sk-********y-99", code="invalid_api_key")
+    assert_error(
+        body, message="Incorrect API key provided: sk-********y-99", code="invalid_api_key"
+    )
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{s.base_url}/v1/models") as resp:
             assert resp.status == 401
 
 
-@pytest.mark.parametrize(("body", "message", "code", "param"), [
-    ({"model": MODEL, "messages": user("hi"), "foo": 1},
-     "Unrecognized request argument supplied: foo", None, None),
-    ({"messages": user("hi")}, "you must provide a model parameter", None, None),
-    ({"model": MODEL}, "Missing required parameter: 'messages'.", "missing_required_parameter",
-     "messages"),
-    ({"model": MODEL, "messages": []}, "Invalid 'messages': empty array.", "empty_array", None),
-    ({"model": MODEL, "messages": [{"role": "bot", "content": "hi"}]},
-     "Invalid value: 'bot'. Supported values are: 'system', 'assistant', 'user', 'function', "
-     "'tool', and 'developer'.", "invalid_value", "messages[0].role"),
-    ({"model": MODEL, "messages": [{"role": "user"}]},
-     "Missing required parameter: 'messages[0].content'.", "missing_required_parameter", None),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "hi", "extra": 1}]},
-     "Additional properties are not allowed ('extra' was unexpected)", None, None),
-    ({"model": MODEL, "messages": user("hi"), "temperature": 3},
-     "Invalid 'temperature': integer above maximum value. Expected a value <= 2, but got 3",
-     "integer_above_max_value", "temperature"),
-    ({"model": MODEL, "messages": user("hi"), "temperature": "hot"},
-     "Invalid type for 'temperature': expected a decimal, but got a string instead.",
-     "invalid_type", "temperature"),
-    ({"model": MODEL, "messages": user("hi"), "top_p": 1.5},
-     "decimal above maximum value", "decimal_above_max_value", "top_p"),
-    ({"model": MODEL, "messages": user("hi"), "presence_penalty": -2.5},
-     "decimal below minimum value", "decimal_below_min_value", "presence_penalty"),
-    ({"model": MODEL, "messages": user("hi"), "n": 2},
-     "'n' does not support 2", "unsupported_value", "n"),
-    ({"model": MODEL, "messages": user("hi"), "max_tokens": 0},
-     "integer below minimum value", "integer_below_min_value", "max_tokens"),
-    ({"model": MODEL, "messages": user("hi"), "max_tokens": 5, "max_completion_tokens": 5},
-     "Setting 'max_tokens' and 'max_completion_tokens' at the same time is not supported.",
-     "invalid_parameter_combination", None),
-    ({"model": MODEL, "messages": user("hi"), "max_tokens": 100000},
-     "max_tokens is too large: 100000. This model supports at most 16384 completion tokens",
-     "invalid_value", "max_tokens"),
-    ({"model": MODEL, "messages": user("hi"), "stop": ["a", "b", "c", "d", "e"]},
-     "Invalid 'stop': array too long. Expected an array with maximum length 4",
-     "array_above_max_length", "stop"),
-    ({"model": MODEL, "messages": user("hi"), "stream_options": {"include_usage": True}},
-     "The 'stream_options' parameter is only allowed when 'stream' is enabled.", None,
-     "stream_options"),
-    ({"model": MODEL, "messages": user("hi"), "tool_choice": "auto"},
-     "'tool_choice' is only allowed when 'tools' are specified.", None, "tool_choice"),
-    ({"model": MODEL, "messages": user("hi"), "tools": [WEATHER_TOOL], "tool_choice": {
-        "type": "function", "function": {"name": "nope"}}},
-     "function 'nope' is not one of the functions", "invalid_value", "tool_choice"),
-    ({"model": MODEL, "messages": user("hi"), "logit_bias": {"50256": 101}},
-     "integer above maximum value", "integer_above_max_value", None),
-    ({"model": MODEL, "messages": [{"role": "tool", "tool_call_id": "call_1", "content": "x"}]},
-     "Invalid parameter: messages with role 'tool' must be a response to a preceeding message "
-     "with 'tool_calls'.", None, "messages.[0].role"),
-    ({"model": MODEL, "messages": [
-        *user("hi"),
-        {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function",
-                                              "function": {"name": "f", "arguments": "{}"}}]},
-        {"role": "tool", "tool_call_id": "call_2", "content": "x"}]},
-     "Invalid parameter: 'tool_call_id' of 'call_2' not found in 'tool_calls' of previous "
-     "message.", None, "messages.[2].tool_call_id"),
-    ({"model": MODEL, "messages": [
-        *user("hi"),
-        {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function",
-                                              "function": {"name": "f", "arguments": "{}"}}]},
-        *user("and?")]},
-     "An assistant message with 'tool_calls' must be followed by tool messages responding to "
-     "each 'tool_call_id'. The following tool_call_ids did not have response messages: call_1",
-     None, "messages.[1].role"),
-    ({"model": MODEL, "messages": [{"role": "system", "content": [
-        {"type": "image_url", "image_url": {"url": PNG_DATA_URL}}]}, *user("hi")]},
-     "Image URLs are only allowed for messages with role 'user'", "invalid_value", None),
-    ({"model": MODEL, "messages": user("hi"), "response_format": {
-        "type": "json_schema", "json_schema": {"name": "out", "strict": True, "schema": {
-            "type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}}}},
-     "Invalid schema for response_format 'out': In context=(), 'additionalProperties' is "
-     "required to be supplied and to be false.", None, "response_format"),
-    ({"model": MODEL, "messages": user("hi"), "response_format": {
-        "type": "json_schema", "json_schema": {"name": "out", "strict": True, "schema": {
-            "type": "object", "additionalProperties": False, "required": ["a"], "properties": {
-                "a": {"type": "string"},
-                "b": {"type": "object", "properties": {"c": {"type": "integer"}},
-                      "additionalProperties": False}}}}}},
-     "Invalid schema for response_format 'out': In context=(), 'required' is required to be "
-     "supplied and to be an array including every key in properties. Missing 'b'.", None, None),
-    ({"model": MODEL, "messages": user("hi"), "tools": [{"type": "function", "function": {
-        "name": "f", "strict": True, "parameters": {
-            "type": "object", "additionalProperties": False, "required": ["b"], "properties": {
-                "b": {"type": "object", "properties": {"c": {"type": "integer"}},
-                      "required": ["c"]}}}}}]},
-     "Invalid schema for function 'f': In context=('properties', 'b'), 'additionalProperties' "
-     "is required to be supplied and to be false.", "invalid_function_parameters",
-     "tools[0].function.parameters"),
-    ({"model": MODEL, "messages": user("hi"), "tools": [{"type": "function", "function": {
-        "name": "bad name"}}]}, "string does not match pattern", "invalid_value", None),
-])
+@pytest.mark.parametrize(
+    ("body", "message", "code", "param"),
+    [
+        (
+            {"model": MODEL, "messages": user("hi"), "foo": 1},
+            "Unrecognized request argument supplied: foo",
+            None,
+            None,
+        ),
+        ({"messages": user("hi")}, "you must provide a model parameter", None, None),
+        (
+            {"model": MODEL},
+            "Missing required parameter: 'messages'.",
+            "missing_required_parameter",
+            "messages",
+        ),
+        ({"model": MODEL, "messages": []}, "Invalid 'messages': empty array.", "empty_array", None),
+        (
+            {"model": MODEL, "messages": [{"role": "bot", "content": "hi"}]},
+            "Invalid value: 'bot'. Supported values are: 'system', 'assistant', 'user', 'function', "
+            "'tool', and 'developer'.",
+            "invalid_value",
+            "messages[0].role",
+        ),
+        (
+            {"model": MODEL, "messages": [{"role": "user"}]},
+            "Missing required parameter: 'messages[0].content'.",
+            "missing_required_parameter",
+            None,
+        ),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi", "extra": 1}]},
+            "Additional properties are not allowed ('extra' was unexpected)",
+            None,
+            None,
+        ),
+        (
+            {"model": MODEL, "messages": user("hi"), "temperature": 3},
+            "Invalid 'temperature': integer above maximum value. Expected a value <= 2, but got 3",
+            "integer_above_max_value",
+            "temperature",
+        ),
+        (
+            {"model": MODEL, "messages": user("hi"), "temperature": "hot"},
+            "Invalid type for 'temperature': expected a decimal, but got a string instead.",
+            "invalid_type",
+            "temperature",
+        ),
+        (
+            {"model": MODEL, "messages": user("hi"), "top_p": 1.5},
+            "decimal above maximum value",
+            "decimal_above_max_value",
+            "top_p",
+        ),
+        (
+            {"model": MODEL, "messages": user("hi"), "presence_penalty": -2.5},
+            "decimal below minimum value",
+            "decimal_below_min_value",
+            "presence_penalty",
+        ),
+        (
+            {"model": MODEL, "messages": user("hi"), "n": 2},
+            "'n' does not support 2",
+            "unsupported_value",
+            "n",
+        ),
+        (
+            {"model": MODEL, "messages": user("hi"), "max_tokens": 0},
+            "integer below minimum value",
+            "integer_below_min_value",
+            "max_tokens",
+        ),
+        (
+            {"model": MODEL, "messages": user("hi"), "max_tokens": 5, "max_completion_tokens": 5},
+            "Setting 'max_tokens' and 'max_completion_tokens' at the same time is not supported.",
+            "invalid_parameter_combination",
+            None,
+        ),
+        (
+            {"model": MODEL, "messages": user("hi"), "max_tokens": 100000},
+            "max_tokens is too large: 100000. This model supports at most 16384 completion tokens",
+            "invalid_value",
+            "max_tokens",
+        ),
+        (
+            {"model": MODEL, "messages": user("hi"), "stop": ["a", "b", "c", "d", "e"]},
+            "Invalid 'stop': array too long. Expected an array with maximum length 4",
+            "array_above_max_length",
+            "stop",
+        ),
+        (
+            {"model": MODEL, "messages": user("hi"), "stream_options": {"include_usage": True}},
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            None,
+            "stream_options",
+        ),
+        (
+            {"model": MODEL, "messages": user("hi"), "tool_choice": "auto"},
+            "'tool_choice' is only allowed when 'tools' are specified.",
+            None,
+            "tool_choice",
+        ),
+        (
+            {
+                "model": MODEL,
+                "messages": user("hi"),
+                "tools": [WEATHER_TOOL],
+                "tool_choice": {"type": "function", "function": {"name": "nope"}},
+            },
+            "function 'nope' is not one of the functions",
+            "invalid_value",
+            "tool_choice",
+        ),
+        (
+            {"model": MODEL, "messages": user("hi"), "logit_bias": {"50256": 101}},
+            "integer above maximum value",
+            "integer_above_max_value",
+            None,
+        ),
+        (
+            {
+                "model": MODEL,
+                "messages": [{"role": "tool", "tool_call_id": "call_1", "content": "x"}],
+            },
+            "Invalid parameter: messages with role 'tool' must be a response to a preceeding message "
+            "with 'tool_calls'.",
+            None,
+            "messages.[0].role",
+        ),
+        (
+            {
+                "model": MODEL,
+                "messages": [
+                    *user("hi"),
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {
+                                "id": "call_1",
+                                "type": "function",
+                                "function": {"name": "f", "arguments": "{}"},
+                            }
+                        ],
+                    },
+                    {"role": "tool", "tool_call_id": "call_2", "content": "x"},
+                ],
+            },
+            "Invalid parameter: 'tool_call_id' of 'call_2' not found in 'tool_calls' of previous "
+            "message.",
+            None,
+            "messages.[2].tool_call_id",
+        ),
+        (
+            {
+                "model": MODEL,
+                "messages": [
+                    *user("hi"),
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {
+                                "id": "call_1",
+                                "type": "function",
+                                "function": {"name": "f", "arguments": "{}"},
+                            }
+                        ],
+                    },
+                    *user("and?"),
+                ],
+            },
+            "An assistant message with 'tool_calls' must be followed by tool messages responding to "
+            "each 'tool_call_id'. The following tool_call_ids did not have response messages: call_1",
+            None,
+            "messages.[1].role",
+        ),
+        (
+            {
+                "model": MODEL,
+                "messages": [
+                    {
+                        "role": "system",
+                        "content": [{"type": "image_url", "image_url": {"url": PNG_DATA_URL}}],
+                    },
+                    *user("hi"),
+                ],
+            },
+            "Image URLs are only allowed for messages with role 'user'",
+            "invalid_value",
+            None,
+        ),
+        (
+            {
+                "model": MODEL,
+                "messages": user("hi"),
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": "out",
+                        "strict": True,
+                        "schema": {
+                            "type": "object",
+                            "properties": {"a": {"type": "string"}},
+                            "required": ["a"],
+                        },
+                    },
+                },
+            },
+            "Invalid schema for response_format 'out': In context=(), 'additionalProperties' is "
+            "required to be supplied and to be false.",
+            None,
+            "response_format",
+        ),
+        (
+            {
+                "model": MODEL,
+                "messages": user("hi"),
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": "out",
+                        "strict": True,
+                        "schema": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "required": ["a"],
+                            "properties": {
+                                "a": {"type": "string"},
+                                "b": {
+                                    "type": "object",
+                                    "properties": {"c": {"type": "integer"}},
+                                    "additionalProperties": False,
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+            "Invalid schema for response_format 'out': In context=(), 'required' is required to be "
+            "supplied and to be an array including every key in properties. Missing 'b'.",
+            None,
+            None,
+        ),
+        (
+            {
+                "model": MODEL,
+                "messages": user("hi"),
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": "f",
+                            "strict": True,
+                            "parameters": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "required": ["b"],
+                                "properties": {
+                                    "b": {
+                                        "type": "object",
+                                        "properties": {"c": {"type": "integer"}},
+                                        "required": ["c"],
+                                    }
+                                },
+                            },
+                        },
+                    }
+                ],
+            },
+            "Invalid schema for function 'f': In context=('properties', 'b'), 'additionalProperties' "
+            "is required to be supplied and to be false.",
+            "invalid_function_parameters",
+            "tools[0].function.parameters",
+        ),
+        (
+            {
+                "model": MODEL,
+                "messages": user("hi"),
+                "tools": [{"type": "function", "function": {"name": "bad name"}}],
+            },
+            "string does not match pattern",
+            "invalid_value",
+            None,
+        ),
+    ],
+)
 async def test_request_rules(s, body, message, code, param):
     status, error, _ = await post(s, body)
     assert status == 400, error
@@ -583,27 +881,38 @@ async def test_unparsable_body_and_unknown_path(s):
     assert_error(body, message="Invalid URL (POST /v1/completionz)")
 
 
-@pytest.mark.parametrize(("url", "message"), [
-    ("data:image/png;base64,!!notbase64!!", "Please make sure your image is valid."),
-    ("data:image/png;base64," + base64.b64encode(b"plain text, not a picture").decode(),
-     "You uploaded an unsupported image."),
-    ("data:image/bmp;base64," + base64.b64encode(PNG_1X1).decode(),
-     "You uploaded an unsupported image."),
-])
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("data:image/png;base64,!!notbase64!!", "Please make sure your image is valid."),
+        (
+            "data:image/png;base64," + base64.b64encode(b"plain text, not a picture").decode(),
+            "You uploaded an unsupported image.",
+        ),
+        (
+            "data:image/bmp;base64," + base64.b64encode(PNG_1X1).decode(),
+            "You uploaded an unsupported image.",
+        ),
+    ],
+)
 async def test_bad_images_are_rejected(s, url, message):
     content = [{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": url}}]
-    status, body, _ = await post(s, {"model": MODEL,
-                                     "messages": [{"role": "user", "content": content}]})
+    status, body, _ = await post(
+        s, {"model": MODEL, "messages": [{"role": "user", "content": content}]}
+    )
     assert status == 400
     assert_error(body, message=message, code="invalid_image_format")
 
 
 async def test_bad_image_detail_and_scheme(s):
-    for image, param in (({"url": PNG_DATA_URL, "detail": "max"}, ".detail"),
-                         ({"url": "ftp://example.com/x.png"}, ".url")):
+    for image, param in (
+        ({"url": PNG_DATA_URL, "detail": "max"}, ".detail"),
+        ({"url": "ftp://example.com/x.png"}, ".url"),
+    ):
         content = [{"type": "image_url", "image_url": image}]
-        status, body, _ = await post(s, {"model": MODEL,
-                                         "messages": [{"role": "user", "content": content}]})
+        status, body, _ = await post(
+            s, {"model": MODEL, "messages": [{"role": "user", "content": content}]}
+        )
         assert status == 400
         assert body["error"]["code"] == "invalid_value"
         assert body["error"]["param"] == "messages[0].content[0].image_url" + param
@@ -611,27 +920,40 @@ async def test_bad_image_detail_and_scheme(s):
 
 async def test_context_window_overflow(s):
     sentence = " ".join(f"w{i}" for i in range(40))
-    status, body, _ = await post(s, {"model": "standin-tiny-context", "messages": user(sentence),
-                                     "max_tokens": 30})
+    status, body, _ = await post(
+        s, {"model": "standin-tiny-context", "messages": user(sentence), "max_tokens": 30}
+    )
     assert status == 400
-    assert_error(body, code="context_length_exceeded", param="messages", message=(
-        "This model's maximum context length is 64 tokens. However, you requested 70 tokens "
-        "(40 in the messages, 30 in the completion). Please reduce the length of the messages "
-        "or completion."))
-    status, body, _ = await post(s, {"model": "standin-tiny-context",
-                                     "messages": user(sentence + " " + sentence)})
+    assert_error(
+        body,
+        code="context_length_exceeded",
+        param="messages",
+        message=(
+            "This model's maximum context length is 64 tokens. However, you requested 70 tokens "
+            "(40 in the messages, 30 in the completion). Please reduce the length of the messages "
+            "or completion."
+        ),
+    )
+    status, body, _ = await post(
+        s, {"model": "standin-tiny-context", "messages": user(sentence + " " + sentence)}
+    )
     assert status == 400
-    assert_error(body, code="context_length_exceeded", message=(
-        "However, your messages resulted in 80 tokens."))
-    status, body, _ = await post(s, {"model": "standin-tiny-context", "messages": user(sentence),
-                                     "max_tokens": 24})
+    assert_error(
+        body,
+        code="context_length_exceeded",
+        message=("However, your messages resulted in 80 tokens."),
+    )
+    status, body, _ = await post(
+        s, {"model": "standin-tiny-context", "messages": user(sentence), "max_tokens": 24}
+    )
     assert status == 200 and body["model"] == "standin-tiny-context-2025-01-01"
 
 
 async def test_compatible_server_mode_ignores_unknown_fields():
     async with OpenAIStandIn(api_key=API_KEY, reject_unknown_fields=False) as s:
-        status, body, _ = await post(s, {"model": MODEL, "messages": user("hi"),
-                                         "top_k": 5, "repetition_penalty": 1.1})
+        status, body, _ = await post(
+            s, {"model": MODEL, "messages": user("hi"), "top_k": 5, "repetition_penalty": 1.1}
+        )
         assert status == 200 and body["choices"][0]["message"]["content"]
 
 
@@ -656,8 +978,9 @@ async def wait_for(predicate, timeout: float = 3.0) -> None:
 
 async def test_drop_mid_stream_raises_connection_error(s, client):
     s.inject(Fault("drop_mid_stream", after_chunks=3))
-    stream = await client.chat.completions.create(model=MODEL, messages=user("hi there"),
-                                                  stream=True)
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=user("hi there"), stream=True
+    )
     seen = []
     with pytest.raises(openai.APIConnectionError):
         async for chunk in stream:
@@ -686,8 +1009,9 @@ async def test_missing_terminator_goes_unnoticed_by_the_sdk(s, client):
 
 async def test_hang_mid_stream_times_out_and_counts_disconnect(s):
     s.inject(Fault("hang_mid_stream", after_chunks=2, seconds=5))
-    async with AsyncOpenAI(api_key=API_KEY, base_url=f"{s.base_url}/v1", max_retries=0,
-                           timeout=0.3) as c:
+    async with AsyncOpenAI(
+        api_key=API_KEY, base_url=f"{s.base_url}/v1", max_retries=0, timeout=0.3
+    ) as c:
         stream = await c.chat.completions.create(model=MODEL, messages=user("hi"), stream=True)
         seen = []
         with pytest.raises(openai.APITimeoutError):
@@ -699,8 +1023,9 @@ async def test_hang_mid_stream_times_out_and_counts_disconnect(s):
 
 async def test_hang_before_headers_times_out_and_counts_disconnect(s):
     s.inject(Fault("hang_before_headers", seconds=5))
-    async with AsyncOpenAI(api_key=API_KEY, base_url=f"{s.base_url}/v1", max_retries=0,
-                           timeout=0.3) as c:
+    async with AsyncOpenAI(
+        api_key=API_KEY, base_url=f"{s.base_url}/v1", max_retries=0, timeout=0.3
+    ) as c:
         with pytest.raises(openai.APITimeoutError):
             await c.chat.completions.create(model=MODEL, messages=user("hi"))
     await wait_for(lambda: s.disconnects == 1)
@@ -726,5 +1051,9 @@ def test_sample_from_schema_follows_refs_and_combinators():
         },
         "$defs": {"Item": {"type": "object", "properties": {"ok": {"type": "boolean"}}}},
     }
-    assert sample_from_schema(schema) == {"item": {"ok": True}, "maybe": 1, "kind": "stand-in",
-                                          "fixed": "x"}
+    assert sample_from_schema(schema) == {
+        "item": {"ok": True},
+        "maybe": 1,
+        "kind": "stand-in",
+        "fixed": "x",
+    }

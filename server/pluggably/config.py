@@ -74,8 +74,11 @@ ProviderName = Annotated[str, AfterValidator(_check_provider_name)]
 
 def _provider_kinds() -> dict[str, plugins.BackendKind]:
     """The kinds a `providers:` entry may name (the local kind has its own section)."""
-    return {name: kind for name, kind in plugins.kinds().items()
-            if "kind" in getattr(kind.config_model, "model_fields", {})}
+    return {
+        name: kind
+        for name, kind in plugins.kinds().items()
+        if "kind" in getattr(kind.config_model, "model_fields", {})
+    }
 
 
 def _provider_sections() -> Any:
@@ -108,7 +111,11 @@ class Config(StrictModel):
         for name, section in data["providers"].items():
             section = {} if section is None else section
             implied = plugins.kind_for_provider_name(str(name))
-            if isinstance(section, dict) and implied is not None and implied[0].name in _provider_kinds():
+            if (
+                isinstance(section, dict)
+                and implied is not None
+                and implied[0].name in _provider_kinds()
+            ):
                 kind, preset = implied
                 if section.get("kind", kind.name) == kind.name:
                     defaults = kind.presets.get(preset, {}) if preset else {}
@@ -125,7 +132,9 @@ class Config(StrictModel):
         return aliases
 
 
-def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Config:
     environ = os.environ if environ is None else environ
     path = path or environ.get("PLUGGABLY_CONFIG") or None
     data: dict[str, Any] = {}
@@ -148,8 +157,11 @@ def load_config(path: str | os.PathLike[str] | None = None, environ: Mapping[str
         lines = []
         errors = exc.errors()
         # A provider whose name is refused needs no further word on its section's kind.
-        bad_names = {e["loc"][:2] for e in errors
-                     if e["loc"][:1] == ("providers",) and e["loc"][2:] == ("[key]",)}
+        bad_names = {
+            e["loc"][:2]
+            for e in errors
+            if e["loc"][:1] == ("providers",) and e["loc"][2:] == ("[key]",)
+        }
         for err in errors:
             if err["type"].startswith("union_tag_") and err["loc"][:2] in bad_names:
                 continue
@@ -173,9 +185,11 @@ def _describe(err: Any) -> tuple[str, str]:
             tag = (err.get("ctx") or {}).get("tag")
             message = f"unknown kind {tag!r}; known kinds: {kinds}"
         else:
-            message = (f"{loc[1]!r} is neither a kind ({kinds}) nor a preset ({presets}), so "
-                       f"the section must say its `kind:` (an OpenAI-compatible endpoint: "
-                       f"`kind: openai` with its `base_url`)")
+            message = (
+                f"{loc[1]!r} is neither a kind ({kinds}) nor a preset ({presets}), so "
+                f"the section must say its `kind:` (an OpenAI-compatible endpoint: "
+                f"`kind: openai` with its `base_url`)"
+            )
     return ".".join(str(p) for p in loc), message
 
 
@@ -203,7 +217,7 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, st
     for key in sorted(environ):
         if not key.startswith(ENV_PREFIX) or key == "PLUGGABLY_CONFIG":
             continue
-        parts = [p.lower() for p in key[len(ENV_PREFIX):].split("__") if p]
+        parts = [p.lower() for p in key[len(ENV_PREFIX) :].split("__") if p]
         if not parts:
             continue
         raw = environ[key]

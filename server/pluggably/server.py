@@ -80,13 +80,20 @@ class GatewayServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        generate_service_pb2_grpc.add_GenerateServiceServicer_to_server(GenerateServicer(self.dataplane), server)
-        stream_service_pb2_grpc.add_StreamServiceServicer_to_server(StreamServicer(self.dataplane), server)
-        model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(self.router), server)
+        generate_service_pb2_grpc.add_GenerateServiceServicer_to_server(
+            GenerateServicer(self.dataplane), server
+        )
+        stream_service_pb2_grpc.add_StreamServiceServicer_to_server(
+            StreamServicer(self.dataplane), server
+        )
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(
+            ModelServicer(self.router), server
+        )
         storage_service_pb2_grpc.add_StorageServiceServicer_to_server(StorageServicer(), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
 
         address = f"{self.config.server.host}:{self.config.server.port}"
         try:
@@ -94,7 +101,9 @@ class GatewayServer:
         except RuntimeError:  # grpc's way of saying the address is taken or invalid
             self.port = 0
         if not self.port:
-            raise OSError(f"cannot listen on {address} (server.host/server.port): in use or not a local address")
+            raise OSError(
+                f"cannot listen on {address} (server.host/server.port): in use or not a local address"
+            )
         await start_backends(self.backends)
         await server.start()
         self._server = server
@@ -163,7 +172,9 @@ async def serve(config: Config, started_at: float) -> None:
     port = await server.start()
     log.info(
         "pluggably serving on %s:%d (SERVING %.2f s after process start; models: %s)",
-        config.server.host, port, process_age_s(started_at),
+        config.server.host,
+        port,
+        process_age_s(started_at),
         ", ".join(m.id for m in await server.router.list_models()) or "none",
     )
     loop = asyncio.get_running_loop()
@@ -177,7 +188,9 @@ async def serve(config: Config, started_at: float) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     started_at = time.perf_counter()
     parser = argparse.ArgumentParser(prog="pluggably-server", description=__doc__)
-    parser.add_argument("--config", help="YAML config file (default: $PLUGGABLY_CONFIG, else built-in defaults)")
+    parser.add_argument(
+        "--config", help="YAML config file (default: $PLUGGABLY_CONFIG, else built-in defaults)"
+    )
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)

@@ -60,7 +60,11 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
 def _check_decoded(request: Any) -> None:
     if request is _MALFORMED:
         raise InvalidArgument(
-            [FieldViolation("request", "not a valid protobuf message of the method's request type")],
+            [
+                FieldViolation(
+                    "request", "not a valid protobuf message of the method's request type"
+                )
+            ],
             reason="MALFORMED_REQUEST",
         )
 
@@ -73,10 +77,12 @@ def _rewrap(
     deserializer = _tolerant(handler.request_deserializer)
     if handler.unary_unary:
         return grpc.unary_unary_rpc_method_handler(
-            unary(handler.unary_unary), deserializer, handler.response_serializer)
+            unary(handler.unary_unary), deserializer, handler.response_serializer
+        )
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(
-            stream(handler.unary_stream), deserializer, handler.response_serializer)
+            stream(handler.unary_stream), deserializer, handler.response_serializer
+        )
     return handler  # client-streaming methods: none in the contract yet
 
 
@@ -104,7 +110,9 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = _rewrap(handler, lambda b: self._unary(method, b), lambda b: self._stream(method, b))
+        wrapped = _rewrap(
+            handler, lambda b: self._unary(method, b), lambda b: self._stream(method, b)
+        )
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
@@ -154,7 +162,9 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
                     and _has_error_event(first)
                     and not isinstance(exc, grpc.aio.AbortError)
                 ):
-                    yield type(first)(id=call.request_id, model=first.model, error=call.status_for(exc))
+                    yield type(first)(
+                        id=call.request_id, model=first.model, error=call.status_for(exc)
+                    )
                     return
                 await call.fail(exc)
                 raise
@@ -169,10 +179,16 @@ def _has_error_event(message: Message) -> bool:
     of a oneof named `event`), like StreamGenerateResponse; resources such as Download that merely
     have an error field do not qualify."""
     event = message.DESCRIPTOR.oneofs_by_name.get("event")
-    return event is not None and any(
-        f.name == "error" and f.message_type is not None and f.message_type.full_name == "google.rpc.Status"
-        for f in event.fields
-    ) and all(name in message.DESCRIPTOR.fields_by_name for name in ("id", "model"))
+    return (
+        event is not None
+        and any(
+            f.name == "error"
+            and f.message_type is not None
+            and f.message_type.full_name == "google.rpc.Status"
+            for f in event.fields
+        )
+        and all(name in message.DESCRIPTOR.fields_by_name for name in ("id", "model"))
+    )
 
 
 class _Call:
@@ -202,7 +218,9 @@ class _Call:
         status = to_status(exc, self.request_id)
         self.code = status.code
         if status.code == code_pb2.INTERNAL:
-            log.error("unexpected error in %s (request id %s)", self.method, self.request_id, exc_info=exc)
+            log.error(
+                "unexpected error in %s (request id %s)", self.method, self.request_id, exc_info=exc
+            )
         return status
 
     async def fail(self, exc: BaseException) -> None:
@@ -211,13 +229,20 @@ class _Call:
             return
         status = rpc_status.to_status(self.status_for(exc))
         await self.context.abort(
-            status.code, status.details, (*status.trailing_metadata, (REQUEST_ID_HEADER, self.request_id)))
+            status.code,
+            status.details,
+            (*status.trailing_metadata, (REQUEST_ID_HEADER, self.request_id)),
+        )
 
     def end(self) -> None:
         elapsed_ms = (time.perf_counter() - self._start) * 1000
         access_log.info(
             "%s %s %.1fms request_id=%s messages=%d",
-            self.method, code_pb2.Code.Name(self.code), elapsed_ms, self.request_id, self.messages,
+            self.method,
+            code_pb2.Code.Name(self.code),
+            elapsed_ms,
+            self.request_id,
+            self.messages,
         )
         if self._token is not None:
             # A stream cancelled under back-pressure is finalized in another context, where

@@ -46,18 +46,46 @@ def to_status(exc: BaseException, request_id: str) -> status_pb2.Status:
         return internal_status(request_id)
 
     metadata = {**exc.metadata, "request_id": request_id}
-    details = [_pack(error_details_pb2.ErrorInfo(reason=exc.reason, domain=ERROR_DOMAIN, metadata=metadata))]
+    details = [
+        _pack(
+            error_details_pb2.ErrorInfo(reason=exc.reason, domain=ERROR_DOMAIN, metadata=metadata)
+        )
+    ]
     if isinstance(exc, errors.InvalidArgument):
-        details.append(_pack(error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-            for v in exc.violations
-        ])))
+        details.append(
+            _pack(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(
+                            field=v.field, description=v.description
+                        )
+                        for v in exc.violations
+                    ]
+                )
+            )
+        )
     elif isinstance(exc, errors.NotFound):
-        details.append(_pack(error_details_pb2.ResourceInfo(
-            resource_type=exc.resource_type, resource_name=exc.resource_name, description=exc.message)))
+        details.append(
+            _pack(
+                error_details_pb2.ResourceInfo(
+                    resource_type=exc.resource_type,
+                    resource_name=exc.resource_name,
+                    description=exc.message,
+                )
+            )
+        )
     elif isinstance(exc, errors.ResourceExhausted):
-        details.append(_pack(error_details_pb2.QuotaFailure(violations=[
-            error_details_pb2.QuotaFailure.Violation(subject=exc.subject, description=exc.message)])))
+        details.append(
+            _pack(
+                error_details_pb2.QuotaFailure(
+                    violations=[
+                        error_details_pb2.QuotaFailure.Violation(
+                            subject=exc.subject, description=exc.message
+                        )
+                    ]
+                )
+            )
+        )
         if exc.retry_after_s is not None:
             details.append(_pack(_retry_info(exc.retry_after_s)))
     elif isinstance(exc, errors.Unavailable) and exc.retry_after_s is not None:
@@ -66,7 +94,9 @@ def to_status(exc: BaseException, request_id: str) -> status_pb2.Status:
 
 
 def internal_status(request_id: str) -> status_pb2.Status:
-    info = error_details_pb2.ErrorInfo(reason="INTERNAL", domain=ERROR_DOMAIN, metadata={"request_id": request_id})
+    info = error_details_pb2.ErrorInfo(
+        reason="INTERNAL", domain=ERROR_DOMAIN, metadata={"request_id": request_id}
+    )
     return status_pb2.Status(
         code=code_pb2.INTERNAL,
         message=f"internal error; quote request id {request_id} when reporting it",

@@ -13,7 +13,9 @@ def not_yet(what: str, *, streaming: bool = False) -> Callable[..., Any]:
     details)."""
 
     def fail() -> NoReturn:
-        raise Unimplemented(f"{what} is part of the v1 contract but not implemented by this server yet")
+        raise Unimplemented(
+            f"{what} is part of the v1 contract but not implemented by this server yet"
+        )
 
     async def unary(self: Any, request: Any, context: Any) -> NoReturn:
         fail()

@@ -16,7 +16,9 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     def __init__(self, router: Router) -> None:
         self._router = router
 
-    async def ListModels(self, request: model_service_pb2.ListModelsRequest, context: Any) -> model_service_pb2.ListModelsResponse:
+    async def ListModels(
+        self, request: model_service_pb2.ListModelsRequest, context: Any
+    ) -> model_service_pb2.ListModelsResponse:
         violations: list[FieldViolation] = []
         size = check_page_size(request.page_size, violations)
         if request.modality and request.modality not in MODALITY_FROM_PB:
@@ -30,7 +32,8 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
 
         modality = MODALITY_FROM_PB.get(request.modality)
         models = [
-            m for m in await self._router.list_models()
+            m
+            for m in await self._router.list_models()
             if (not request.provider or m.provider == request.provider)
             and (modality is None or m.modality is modality)
             and m.id > after
@@ -41,7 +44,9 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
             response.next_page_token = encode_page_token(page[-1].id, filter_key)
         return response
 
-    async def GetModel(self, request: model_service_pb2.GetModelRequest, context: Any) -> model_pb2.Model:
+    async def GetModel(
+        self, request: model_service_pb2.GetModelRequest, context: Any
+    ) -> model_pb2.Model:
         _require(request.id, "id")
         return model_to_pb(await self._router.get_model(request.id))
 
@@ -51,7 +56,8 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         _require(request.id, "id")
         model_id, specs = await self._router.parameters(request.id)
         return model_service_pb2.GetModelParametersResponse(
-            model=model_id, parameters=[parameter_to_pb(s) for s in specs])
+            model=model_id, parameters=[parameter_to_pb(s) for s in specs]
+        )
 
     DownloadModel = not_yet("DownloadModel (model downloads)")
     GetDownload = not_yet("GetDownload (model downloads)")

@@ -63,7 +63,9 @@ class NotFound(PluggablyError):
 
     reason = "NOT_FOUND"
 
-    def __init__(self, message: str, *, resource_type: str, resource_name: str, reason: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, resource_type: str, resource_name: str, reason: str | None = None
+    ) -> None:
         super().__init__(message, reason=reason, metadata={resource_type: resource_name})
         self.resource_type = resource_type
         self.resource_name = resource_name
@@ -73,7 +75,11 @@ class ModelNotFound(NotFound):
     reason = "MODEL_NOT_FOUND"
 
     def __init__(self, model: str) -> None:
-        super().__init__(f"model {model!r} is not known to this gateway", resource_type="model", resource_name=model)
+        super().__init__(
+            f"model {model!r} is not known to this gateway",
+            resource_type="model",
+            resource_name=model,
+        )
 
 
 class FailedPrecondition(PluggablyError):

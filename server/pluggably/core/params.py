@@ -42,29 +42,64 @@ MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
 
 TEXT_PARAMETERS: tuple[ParameterSpec, ...] = (
-    ParameterSpec("text.max_tokens", ParamType.INTEGER,
-                  "Largest number of tokens to generate; with the prompt it must fit the context length.",
-                  minimum=1),
-    ParameterSpec("text.temperature", ParamType.NUMBER,
-                  "Sampling temperature; 0 means greedy decoding.", default=1.0, minimum=0, maximum=2),
-    ParameterSpec("text.top_p", ParamType.NUMBER,
-                  "Nucleus sampling probability mass.", default=1.0, minimum=0, maximum=1,
-                  exclusive_minimum=True),
-    ParameterSpec("text.top_k", ParamType.INTEGER,
-                  "Sample only from the k most likely tokens.", minimum=1),
+    ParameterSpec(
+        "text.max_tokens",
+        ParamType.INTEGER,
+        "Largest number of tokens to generate; with the prompt it must fit the context length.",
+        minimum=1,
+    ),
+    ParameterSpec(
+        "text.temperature",
+        ParamType.NUMBER,
+        "Sampling temperature; 0 means greedy decoding.",
+        default=1.0,
+        minimum=0,
+        maximum=2,
+    ),
+    ParameterSpec(
+        "text.top_p",
+        ParamType.NUMBER,
+        "Nucleus sampling probability mass.",
+        default=1.0,
+        minimum=0,
+        maximum=1,
+        exclusive_minimum=True,
+    ),
+    ParameterSpec(
+        "text.top_k", ParamType.INTEGER, "Sample only from the k most likely tokens.", minimum=1
+    ),
     ParameterSpec("text.seed", ParamType.INTEGER, "Seed for reproducible sampling."),
-    ParameterSpec("text.stop", ParamType.STRING_LIST,
-                  f"Up to {MAX_STOP_SEQUENCES} sequences (1 to {MAX_STOP_LENGTH} characters) that end "
-                  "the generation; not part of the returned text.", default=[]),
-    ParameterSpec("text.repetition_penalty", ParamType.NUMBER,
-                  "Multiplicative penalty on tokens already in the prompt or output (1 = none).",
-                  default=1.0, minimum=0.01, maximum=10),
-    ParameterSpec("text.presence_penalty", ParamType.NUMBER,
-                  "Additive penalty on tokens already in the output.", default=0.0,
-                  minimum=-2, maximum=2),
-    ParameterSpec("text.frequency_penalty", ParamType.NUMBER,
-                  "Additive penalty proportional to a token's count in the output.", default=0.0,
-                  minimum=-2, maximum=2),
+    ParameterSpec(
+        "text.stop",
+        ParamType.STRING_LIST,
+        f"Up to {MAX_STOP_SEQUENCES} sequences (1 to {MAX_STOP_LENGTH} characters) that end "
+        "the generation; not part of the returned text.",
+        default=[],
+    ),
+    ParameterSpec(
+        "text.repetition_penalty",
+        ParamType.NUMBER,
+        "Multiplicative penalty on tokens already in the prompt or output (1 = none).",
+        default=1.0,
+        minimum=0.01,
+        maximum=10,
+    ),
+    ParameterSpec(
+        "text.presence_penalty",
+        ParamType.NUMBER,
+        "Additive penalty on tokens already in the output.",
+        default=0.0,
+        minimum=-2,
+        maximum=2,
+    ),
+    ParameterSpec(
+        "text.frequency_penalty",
+        ParamType.NUMBER,
+        "Additive penalty proportional to a token's count in the output.",
+        default=0.0,
+        minimum=-2,
+        maximum=2,
+    ),
 )
 
 _BY_MODALITY: dict[Modality, tuple[ParameterSpec, ...]] = {Modality.TEXT: TEXT_PARAMETERS}
@@ -109,11 +144,18 @@ def validate_text_params(params: TextParams, prefix: str = "text") -> list[Field
         field = f"{prefix}.{short}"
         if spec.type is ParamType.STRING_LIST:
             if len(value) > MAX_STOP_SEQUENCES:
-                violations.append(FieldViolation(field, f"at most {MAX_STOP_SEQUENCES} sequences, got {len(value)}"))
+                violations.append(
+                    FieldViolation(
+                        field, f"at most {MAX_STOP_SEQUENCES} sequences, got {len(value)}"
+                    )
+                )
             for i, item in enumerate(value):
                 if not 1 <= len(item) <= MAX_STOP_LENGTH:
-                    violations.append(FieldViolation(
-                        f"{field}[{i}]", f"must be 1 to {MAX_STOP_LENGTH} characters long"))
+                    violations.append(
+                        FieldViolation(
+                            f"{field}[{i}]", f"must be 1 to {MAX_STOP_LENGTH} characters long"
+                        )
+                    )
             continue
         if value is None:
             continue
@@ -147,7 +189,13 @@ def _fmt(x: float) -> str:
 
 # JSON types of `provider_options` values as they arrive (google.protobuf.Value): numbers are
 # always floats, so integer options are checked with `_is_integer`.
-_JSON_TYPE_NAMES = {bool: "a boolean", float: "a number", str: "a string", list: "a list", dict: "an object"}
+_JSON_TYPE_NAMES = {
+    bool: "a boolean",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    dict: "an object",
+}
 
 
 @dataclass(frozen=True)
@@ -168,22 +216,35 @@ class ProviderOptionsPolicy:
         for key in sorted(options):
             field = f"provider_options.{key}"
             if key in self.reserved:
-                violations.append(FieldViolation(
-                    field, f"set by a typed field of the request; {model_id!r} does not take it here"))
+                violations.append(
+                    FieldViolation(
+                        field,
+                        f"set by a typed field of the request; {model_id!r} does not take it here",
+                    )
+                )
             elif self.allowed is None:
                 continue
             elif key not in self.allowed:
                 accepted = ", ".join(sorted(self.allowed)) or "none"
-                violations.append(FieldViolation(
-                    field, f"not supported by model {model_id!r} (accepted keys: {accepted})"))
+                violations.append(
+                    FieldViolation(
+                        field, f"not supported by model {model_id!r} (accepted keys: {accepted})"
+                    )
+                )
             else:
                 expected = self.allowed[key]
                 value = options[key]
                 if expected is int:
-                    ok = isinstance(value, float | int) and not isinstance(value, bool) and float(value).is_integer()
+                    ok = (
+                        isinstance(value, float | int)
+                        and not isinstance(value, bool)
+                        and float(value).is_integer()
+                    )
                     what = "an integer"
                 else:
-                    ok = isinstance(value, expected) and not (expected is float and isinstance(value, bool))
+                    ok = isinstance(value, expected) and not (
+                        expected is float and isinstance(value, bool)
+                    )
                     what = _JSON_TYPE_NAMES.get(expected, expected.__name__)
                 if not ok:
                     violations.append(FieldViolation(field, f"must be {what}"))
@@ -213,5 +274,7 @@ def check_against_specs(
         if isinstance(value, int | float) and not isinstance(value, bool):
             problem = _out_of_range(spec, value)
             if problem:
-                violations.append(FieldViolation(field, f"{problem} (the range of model {model_id!r})"))
+                violations.append(
+                    FieldViolation(field, f"{problem} (the range of model {model_id!r})")
+                )
     return violations

@@ -45,7 +45,9 @@ def register(kind: BackendKind) -> BackendKind:
     for other in _KINDS.values():
         clash = set(other.presets) & set(kind.presets)
         if clash and other is not kind:
-            raise ValueError(f"presets {sorted(clash)} are registered by {other.name!r} and {kind.name!r}")
+            raise ValueError(
+                f"presets {sorted(clash)} are registered by {other.name!r} and {kind.name!r}"
+            )
     _KINDS[kind.name] = kind
     return kind
 

@@ -67,7 +67,9 @@ def render_config(
     return config
 
 
-def write_config(path: Path, grpc_port: int, http_port: int, admin_port: int, **kwargs: Any) -> Path:
+def write_config(
+    path: Path, grpc_port: int, http_port: int, admin_port: int, **kwargs: Any
+) -> Path:
     path.write_text(yaml.safe_dump(render_config(grpc_port, http_port, admin_port, **kwargs)))
     return path
 
@@ -78,7 +80,9 @@ class Envoy:
     def __init__(self, grpc_port: int, workdir: Path, *, log_level: str = "warn") -> None:
         self.http_port = free_port()
         self.admin_port = free_port()
-        self.config = write_config(workdir / "envoy.yaml", grpc_port, self.http_port, self.admin_port)
+        self.config = write_config(
+            workdir / "envoy.yaml", grpc_port, self.http_port, self.admin_port
+        )
         self.log = workdir / "envoy.log"
         self.log_level = log_level
         self.process: subprocess.Popen[bytes] | None = None
@@ -92,16 +96,27 @@ class Envoy:
         # returns, so nothing is left open in this process.
         with self.log.open("wb") as log:
             self.process = subprocess.Popen(
-                [envoy_binary(), "-c", str(self.config), "--log-level", self.log_level,
-                 "--base-id", str(self.admin_port), "--disable-hot-restart"],
-                stdout=log, stderr=subprocess.STDOUT,
+                [
+                    envoy_binary(),
+                    "-c",
+                    str(self.config),
+                    "--log-level",
+                    self.log_level,
+                    "--base-id",
+                    str(self.admin_port),
+                    "--disable-hot-restart",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"envoy exited: {self.log.read_text()[-2000:]}")
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/ready", timeout=1) as r:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{self.admin_port}/ready", timeout=1
+                ) as r:
                     if r.status == 200:
                         return
             except OSError:
@@ -130,7 +145,9 @@ def main(argv: list[str] | None = None) -> None:
     render.add_argument("--admin-port", type=int, default=9901)
     render.add_argument("-o", "--output", type=Path, required=True)
     args = parser.parse_args(argv)
-    write_config(args.output, args.grpc_port, args.http_port, args.admin_port, http_host=args.http_host)
+    write_config(
+        args.output, args.grpc_port, args.http_port, args.admin_port, http_host=args.http_host
+    )
 
 
 if __name__ == "__main__":

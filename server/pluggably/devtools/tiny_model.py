@@ -106,7 +106,9 @@ def add(a, b):
 """
 
 
-def build_tiny_model(out_dir: Path, *, seed: int = 0, hidden_size: int = 64, num_layers: int = 2) -> Path:
+def build_tiny_model(
+    out_dir: Path, *, seed: int = 0, hidden_size: int = 64, num_layers: int = 2
+) -> Path:
     """Builds the tiny model into `out_dir` (created, existing files overwritten) and returns it.
 
     Deterministic: the same `seed` always gives byte-identical weights and tokenizer. Larger

@@ -83,15 +83,24 @@ _IMAGE_DETAIL = {
 
 
 def generation_request_from_pb(
-    pb: generation_pb2.GenerateRequest, request_id: str, *, stream: bool = False,
+    pb: generation_pb2.GenerateRequest,
+    request_id: str,
+    *,
+    stream: bool = False,
     deadline: float | None = None,
 ) -> tuple[GenerationRequest, Modality | None]:
     """Validates and converts; returns the request and the modality its options ask for."""
     violations: list[FieldViolation] = []
     if not pb.model.strip():
-        violations.append(FieldViolation("model", "required: a model id such as 'local/tiny-random-llama'"))
+        violations.append(
+            FieldViolation("model", "required: a model id such as 'local/tiny-random-llama'")
+        )
     if len(pb.fallback_models) > MAX_FALLBACKS:
-        violations.append(FieldViolation("fallback_models", f"at most {MAX_FALLBACKS} models, got {len(pb.fallback_models)}"))
+        violations.append(
+            FieldViolation(
+                "fallback_models", f"at most {MAX_FALLBACKS} models, got {len(pb.fallback_models)}"
+            )
+        )
     for i, fallback in enumerate(pb.fallback_models):
         if not fallback.strip():
             violations.append(FieldViolation(f"fallback_models[{i}]", "must not be empty"))
@@ -135,8 +144,11 @@ def generation_request_from_pb(
             text=text,
             tools=tuple(tools),
             tool_choice=tool_choice,
-            provider_options={k: json_format.MessageToDict(v) for k, v in pb.provider_options.items()}
-            if pb.provider_options else {},
+            provider_options={
+                k: json_format.MessageToDict(v) for k, v in pb.provider_options.items()
+            }
+            if pb.provider_options
+            else {},
             stream=stream,
             deadline=deadline,
         ),
@@ -150,36 +162,62 @@ def _messages_from_pb(pbs: Any, violations: list[FieldViolation]) -> list[ChatMe
     for i, m in enumerate(pbs):
         field = f"messages[{i}]"
         if m.role not in CHAT_ROLES:
-            violations.append(FieldViolation(
-                f"{field}.role", f"unknown role {m.role!r}; use one of {', '.join(sorted(CHAT_ROLES))}"))
+            violations.append(
+                FieldViolation(
+                    f"{field}.role",
+                    f"unknown role {m.role!r}; use one of {', '.join(sorted(CHAT_ROLES))}",
+                )
+            )
         if len(m.parts) > MAX_PARTS:
-            violations.append(FieldViolation(f"{field}.parts", f"at most {MAX_PARTS} parts, got {len(m.parts)}"))
-        parts = [_part_from_pb(p, f"{field}.parts[{j}]", m.role, violations) for j, p in enumerate(m.parts)]
+            violations.append(
+                FieldViolation(f"{field}.parts", f"at most {MAX_PARTS} parts, got {len(m.parts)}")
+            )
+        parts = [
+            _part_from_pb(p, f"{field}.parts[{j}]", m.role, violations)
+            for j, p in enumerate(m.parts)
+        ]
         calls = []
         if m.tool_calls and m.role != "assistant":
-            violations.append(FieldViolation(f"{field}.tool_calls", "only assistant messages carry tool calls"))
+            violations.append(
+                FieldViolation(f"{field}.tool_calls", "only assistant messages carry tool calls")
+            )
         for j, call in enumerate(m.tool_calls):
             calls.append(_tool_call_from_pb(call, f"{field}.tool_calls[{j}]", violations))
         if m.role == "tool":
             if not m.tool_call_id:
-                violations.append(FieldViolation(f"{field}.tool_call_id", "required on tool messages"))
+                violations.append(
+                    FieldViolation(f"{field}.tool_call_id", "required on tool messages")
+                )
             elif m.tool_call_id not in call_ids:
-                violations.append(FieldViolation(
-                    f"{field}.tool_call_id",
-                    f"{m.tool_call_id!r} is not the id of a tool call of an earlier assistant message"))
+                violations.append(
+                    FieldViolation(
+                        f"{field}.tool_call_id",
+                        f"{m.tool_call_id!r} is not the id of a tool call of an earlier assistant message",
+                    )
+                )
         elif m.tool_call_id:
-            violations.append(FieldViolation(f"{field}.tool_call_id", "only tool messages answer a tool call"))
+            violations.append(
+                FieldViolation(f"{field}.tool_call_id", "only tool messages answer a tool call")
+            )
         if not m.content and not parts and m.role != "assistant":
             violations.append(FieldViolation(f"{field}.content", "must not be empty"))
         call_ids.update(c.id for c in calls)
-        messages.append(ChatMessage(
-            role=m.role, content=m.content, name=m.name, parts=tuple(p for p in parts if p is not None),
-            tool_calls=tuple(calls), tool_call_id=m.tool_call_id))
+        messages.append(
+            ChatMessage(
+                role=m.role,
+                content=m.content,
+                name=m.name,
+                parts=tuple(p for p in parts if p is not None),
+                tool_calls=tuple(calls),
+                tool_call_id=m.tool_call_id,
+            )
+        )
     return messages
 
 
-def _part_from_pb(pb: generation_pb2.ContentPart, field: str, role: str,
-                  violations: list[FieldViolation]) -> ContentPart | None:
+def _part_from_pb(
+    pb: generation_pb2.ContentPart, field: str, role: str, violations: list[FieldViolation]
+) -> ContentPart | None:
     kind = pb.WhichOneof("part")
     if kind == "text":
         if not pb.text:
@@ -189,20 +227,30 @@ def _part_from_pb(pb: generation_pb2.ContentPart, field: str, role: str,
         violations.append(FieldViolation(field, "set text or image"))
         return None
     if role != "user":
-        violations.append(FieldViolation(f"{field}.image", "images are accepted in user messages only"))
+        violations.append(
+            FieldViolation(f"{field}.image", "images are accepted in user messages only")
+        )
     image = pb.image
     mime = image.mime_type.lower()
     if mime and mime not in IMAGE_MIME_TYPES:
-        violations.append(FieldViolation(
-            f"{field}.image.mime_type", f"unsupported image type {image.mime_type!r}; use one of "
-            f"{', '.join(sorted(IMAGE_MIME_TYPES))}"))
+        violations.append(
+            FieldViolation(
+                f"{field}.image.mime_type",
+                f"unsupported image type {image.mime_type!r}; use one of "
+                f"{', '.join(sorted(IMAGE_MIME_TYPES))}",
+            )
+        )
     source = image.WhichOneof("source")
     if source == "data":
         if not image.data:
             violations.append(FieldViolation(f"{field}.image.data", "must not be empty"))
         if not mime:
-            violations.append(FieldViolation(f"{field}.image.mime_type", "required with inline data"))
-        return ImagePart(data=image.data, mime_type=mime, detail=_IMAGE_DETAIL.get(image.detail, ""))
+            violations.append(
+                FieldViolation(f"{field}.image.mime_type", "required with inline data")
+            )
+        return ImagePart(
+            data=image.data, mime_type=mime, detail=_IMAGE_DETAIL.get(image.detail, "")
+        )
     if source != "url":
         violations.append(FieldViolation(f"{field}.image", "set url or data"))
         return None
@@ -210,21 +258,32 @@ def _part_from_pb(pb: generation_pb2.ContentPart, field: str, role: str,
     match = _DATA_URL.match(url)
     if match:
         if match["mime"] not in IMAGE_MIME_TYPES:
-            violations.append(FieldViolation(f"{field}.image.url", f"unsupported image type {match['mime']!r}"))
+            violations.append(
+                FieldViolation(f"{field}.image.url", f"unsupported image type {match['mime']!r}")
+            )
         try:
             data = base64.b64decode(match["data"], validate=True)
         except (binascii.Error, ValueError):
-            violations.append(FieldViolation(f"{field}.image.url", "the data URL is not valid base64"))
+            violations.append(
+                FieldViolation(f"{field}.image.url", "the data URL is not valid base64")
+            )
             data = b""
         # Inline bytes from here on: one form for every adapter to encode its own way.
-        return ImagePart(data=data, mime_type=match["mime"], detail=_IMAGE_DETAIL.get(image.detail, ""))
+        return ImagePart(
+            data=data, mime_type=match["mime"], detail=_IMAGE_DETAIL.get(image.detail, "")
+        )
     if not url.startswith(("https://", "http://")):
-        violations.append(FieldViolation(
-            f"{field}.image.url", "must be an http(s) URL or a data:image/...;base64, URL"))
+        violations.append(
+            FieldViolation(
+                f"{field}.image.url", "must be an http(s) URL or a data:image/...;base64, URL"
+            )
+        )
     return ImagePart(url=url, mime_type=mime, detail=_IMAGE_DETAIL.get(image.detail, ""))
 
 
-def _tool_call_from_pb(pb: generation_pb2.ToolCall, field: str, violations: list[FieldViolation]) -> ToolCall:
+def _tool_call_from_pb(
+    pb: generation_pb2.ToolCall, field: str, violations: list[FieldViolation]
+) -> ToolCall:
     if not pb.id:
         violations.append(FieldViolation(f"{field}.id", "required"))
     if not pb.name:
@@ -250,23 +309,35 @@ def _tools_from_pb(pbs: Any, violations: list[FieldViolation]) -> list[FunctionT
             continue
         fn = tool.function
         if not _TOOL_NAME.match(fn.name):
-            violations.append(FieldViolation(
-                f"{field}.function.name",
-                "letters, digits, '_' and '-', starting with a letter or '_', at most 64 characters"))
+            violations.append(
+                FieldViolation(
+                    f"{field}.function.name",
+                    "letters, digits, '_' and '-', starting with a letter or '_', at most 64 characters",
+                )
+            )
         elif fn.name in seen:
-            violations.append(FieldViolation(f"{field}.function.name", f"{fn.name!r} is declared twice"))
+            violations.append(
+                FieldViolation(f"{field}.function.name", f"{fn.name!r} is declared twice")
+            )
         seen.add(fn.name)
         parameters = json_format.MessageToDict(fn.parameters) if fn.HasField("parameters") else None
         if parameters is not None and parameters.get("type", "object") != "object":
-            violations.append(FieldViolation(
-                f"{field}.function.parameters", "must be a JSON Schema of type 'object'"))
-        tools.append(FunctionTool(name=fn.name, description=fn.description, parameters=parameters,
-                                  strict=fn.strict))
+            violations.append(
+                FieldViolation(
+                    f"{field}.function.parameters", "must be a JSON Schema of type 'object'"
+                )
+            )
+        tools.append(
+            FunctionTool(
+                name=fn.name, description=fn.description, parameters=parameters, strict=fn.strict
+            )
+        )
     return tools
 
 
-def _tool_choice_from_pb(pb: generation_pb2.GenerateRequest, tools: list[FunctionTool],
-                         violations: list[FieldViolation]) -> ToolChoice | None:
+def _tool_choice_from_pb(
+    pb: generation_pb2.GenerateRequest, tools: list[FunctionTool], violations: list[FieldViolation]
+) -> ToolChoice | None:
     if not pb.HasField("tool_choice"):
         return None
     choice = pb.tool_choice
@@ -278,17 +349,28 @@ def _tool_choice_from_pb(pb: generation_pb2.GenerateRequest, tools: list[Functio
         violations.append(FieldViolation("tool_choice", "requires tools"))
     if mode is ToolChoiceMode.FUNCTION:
         if not choice.function_name:
-            violations.append(FieldViolation("tool_choice.function_name", "required with TOOL_CHOICE_MODE_FUNCTION"))
+            violations.append(
+                FieldViolation(
+                    "tool_choice.function_name", "required with TOOL_CHOICE_MODE_FUNCTION"
+                )
+            )
         elif tools and choice.function_name not in {t.name for t in tools}:
-            violations.append(FieldViolation(
-                "tool_choice.function_name", f"{choice.function_name!r} is not one of the request's tools"))
+            violations.append(
+                FieldViolation(
+                    "tool_choice.function_name",
+                    f"{choice.function_name!r} is not one of the request's tools",
+                )
+            )
     elif choice.function_name:
-        violations.append(FieldViolation("tool_choice.function_name", "only with TOOL_CHOICE_MODE_FUNCTION"))
+        violations.append(
+            FieldViolation("tool_choice.function_name", "only with TOOL_CHOICE_MODE_FUNCTION")
+        )
     return ToolChoice(mode, choice.function_name)
 
 
-def _response_format_from_pb(text: generation_pb2.TextOptions,
-                             violations: list[FieldViolation]) -> ResponseFormat | None:
+def _response_format_from_pb(
+    text: generation_pb2.TextOptions, violations: list[FieldViolation]
+) -> ResponseFormat | None:
     if not text.HasField("response_format"):
         return None
     fmt = text.response_format
@@ -298,15 +380,22 @@ def _response_format_from_pb(text: generation_pb2.TextOptions,
         return None
     if kind is not ResponseFormatType.JSON_SCHEMA:
         if fmt.HasField("json_schema"):
-            violations.append(FieldViolation(
-                "text.response_format.json_schema", "only with RESPONSE_FORMAT_TYPE_JSON_SCHEMA"))
+            violations.append(
+                FieldViolation(
+                    "text.response_format.json_schema", "only with RESPONSE_FORMAT_TYPE_JSON_SCHEMA"
+                )
+            )
         return None if kind is ResponseFormatType.TEXT else ResponseFormat(kind)
     schema = fmt.json_schema
     if not schema.HasField("schema"):
         violations.append(FieldViolation("text.response_format.json_schema.schema", "required"))
     if schema.name and not _SCHEMA_NAME.match(schema.name):
-        violations.append(FieldViolation(
-            "text.response_format.json_schema.name", "letters, digits, '_' and '-', at most 64 characters"))
+        violations.append(
+            FieldViolation(
+                "text.response_format.json_schema.name",
+                "letters, digits, '_' and '-', at most 64 characters",
+            )
+        )
     return ResponseFormat(
         kind,
         schema=json_format.MessageToDict(schema.schema) if schema.HasField("schema") else None,
@@ -337,7 +426,9 @@ def _copy_done(
     target.model_version = chunk.model_version
 
 
-def stream_chunk_to_pb(request_id: str, model: str, chunk: object) -> stream_service_pb2.StreamGenerateResponse:
+def stream_chunk_to_pb(
+    request_id: str, model: str, chunk: object
+) -> stream_service_pb2.StreamGenerateResponse:
     out = stream_service_pb2.StreamGenerateResponse(id=request_id, model=model)
     if isinstance(chunk, TextChunk):
         out.text_delta.text = chunk.text

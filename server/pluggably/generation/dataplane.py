@@ -47,18 +47,26 @@ class Dataplane:
         return self.router.stream(routes, request)
 
 
-def check_request(request: GenerationRequest, route: Route, modality: Modality | None) -> list[FieldViolation]:
+def check_request(
+    request: GenerationRequest, route: Route, modality: Modality | None
+) -> list[FieldViolation]:
     """Everything about `request` that `route`'s model cannot take."""
     info = route.model
     whose = f"model {info.id!r}" if route.field == "model" else f"fallback model {info.id!r}"
     if modality is not None and info.modality is not modality:
-        return [FieldViolation(route.field, f"{whose} produces {info.modality.value}, "
-                                            f"but {modality.value} options were given")]
+        return [
+            FieldViolation(
+                route.field,
+                f"{whose} produces {info.modality.value}, but {modality.value} options were given",
+            )
+        ]
     backend = route.backend
     violations = check_against_specs(request.text, backend.parameters(info), info.id)
     if route.field != "model":
-        violations = [FieldViolation(v.field, v.description.replace(f"model {info.id!r}", whose))
-                      for v in violations]
+        violations = [
+            FieldViolation(v.field, v.description.replace(f"model {info.id!r}", whose))
+            for v in violations
+        ]
     violations.extend(backend.provider_options(info).check(request.provider_options, info.id))
 
     caps = info.capabilities
@@ -72,20 +80,35 @@ def check_request(request: GenerationRequest, route: Route, modality: Modality |
             if not caps.vision:
                 for j, part in enumerate(message.parts):
                     if isinstance(part, ImagePart):
-                        violations.append(FieldViolation(
-                            f"messages[{i}].parts[{j}].image", f"{whose} does not take image input"))
+                        violations.append(
+                            FieldViolation(
+                                f"messages[{i}].parts[{j}].image",
+                                f"{whose} does not take image input",
+                            )
+                        )
         fmt = request.text.response_format
         if fmt is not None:
-            if fmt.type is ResponseFormatType.JSON_OBJECT and not (caps.json_object or caps.json_schema):
-                violations.append(FieldViolation(
-                    "text.response_format", f"{whose} does not support JSON output"))
+            if fmt.type is ResponseFormatType.JSON_OBJECT and not (
+                caps.json_object or caps.json_schema
+            ):
+                violations.append(
+                    FieldViolation("text.response_format", f"{whose} does not support JSON output")
+                )
             elif fmt.type is ResponseFormatType.JSON_SCHEMA and not caps.json_schema:
-                violations.append(FieldViolation(
-                    "text.response_format.json_schema", f"{whose} does not support JSON schema output"))
+                violations.append(
+                    FieldViolation(
+                        "text.response_format.json_schema",
+                        f"{whose} does not support JSON schema output",
+                    )
+                )
         limit = caps.max_output_tokens
         if limit and request.text.max_tokens is not None and request.text.max_tokens > limit:
-            violations.append(FieldViolation(
-                "text.max_tokens", f"{whose} generates at most {limit} tokens, got {request.text.max_tokens}"))
+            violations.append(
+                FieldViolation(
+                    "text.max_tokens",
+                    f"{whose} generates at most {limit} tokens, got {request.text.max_tokens}",
+                )
+            )
     return violations
 
 

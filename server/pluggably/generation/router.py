@@ -112,11 +112,15 @@ class Router:
             try:
                 info = await self.get_model(candidate)
             except ModelNotFound:
-                raise InvalidArgument([FieldViolation(field, f"unknown model {candidate!r}")]) from None
+                raise InvalidArgument(
+                    [FieldViolation(field, f"unknown model {candidate!r}")]
+                ) from None
             routes.append(Route(self._locate(info.id)[0], info, field))
         return routes
 
-    async def stream(self, routes: Sequence[Route], request: GenerationRequest) -> AsyncIterator[tuple[str, Chunk]]:
+    async def stream(
+        self, routes: Sequence[Route], request: GenerationRequest
+    ) -> AsyncIterator[tuple[str, Chunk]]:
         """Yields (serving model id, chunk). A model that fails before producing output, or
         produces none within the first-chunk timeout while a fallback is left, is abandoned for
         the next route. When every route failed, the error of the last one is raised, with a
@@ -127,7 +131,8 @@ class Router:
             timeout = None if is_last else self.first_chunk_timeout_s
             # Waiting for the first chunk only means something when the backend streams.
             attempt = dataclasses.replace(
-                request, model=route.model.name, stream=request.stream or timeout is not None)
+                request, model=route.model.name, stream=request.stream or timeout is not None
+            )
             stream = route.backend.generate(attempt)
             async with contextlib.aclosing(stream):
                 try:
@@ -142,24 +147,41 @@ class Router:
                         if failures and isinstance(exc, PluggablyError):
                             # A copy: a backend may raise one error instance more than once.
                             error = copy.copy(exc)
-                            error.message = (f"{route.model_id}: {exc.message} (tried first: "
-                                             f"{'; '.join(failures)})")
-                            error.metadata = {**exc.metadata,
-                                              "models_tried": ",".join(r.model_id for r in routes)}
+                            error.message = (
+                                f"{route.model_id}: {exc.message} (tried first: "
+                                f"{'; '.join(failures)})"
+                            )
+                            error.metadata = {
+                                **exc.metadata,
+                                "models_tried": ",".join(r.model_id for r in routes),
+                            }
                             raise error from exc
                         raise
-                    failures.append(f"{route.model_id}: "
-                                    + ("no output in time" if isinstance(exc, TimeoutError) and deadline.expired()
-                                       else getattr(exc, "reason", "failed")))
+                    failures.append(
+                        f"{route.model_id}: "
+                        + (
+                            "no output in time"
+                            if isinstance(exc, TimeoutError) and deadline.expired()
+                            else getattr(exc, "reason", "failed")
+                        )
+                    )
                     if isinstance(exc, TimeoutError) and deadline.expired():
-                        log.warning("model %s produced nothing in %.1fs; trying %s",
-                                    route.model_id, timeout, routes[i + 1].model_id)
+                        log.warning(
+                            "model %s produced nothing in %.1fs; trying %s",
+                            route.model_id,
+                            timeout,
+                            routes[i + 1].model_id,
+                        )
                     else:
                         # A domain error is the model's answer; anything else is a bug in the
                         # backend, which the fallback must not hide: keep its traceback.
-                        log.warning("model %s failed before output (%s); trying %s", route.model_id,
-                                    getattr(exc, "reason", type(exc).__name__), routes[i + 1].model_id,
-                                    exc_info=not isinstance(exc, PluggablyError))
+                        log.warning(
+                            "model %s failed before output (%s); trying %s",
+                            route.model_id,
+                            getattr(exc, "reason", type(exc).__name__),
+                            routes[i + 1].model_id,
+                            exc_info=not isinstance(exc, PluggablyError),
+                        )
                     continue
                 yield route.model_id, first
                 async for chunk in stream:

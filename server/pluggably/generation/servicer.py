@@ -35,12 +35,17 @@ class GenerateServicer(generate_service_pb2_grpc.GenerateServiceServicer):
     def __init__(self, dataplane: Dataplane) -> None:
         self._dataplane = dataplane
 
-    async def Generate(self, request: generation_pb2.GenerateRequest, context: Any) -> generate_service_pb2.GenerateResponse:
+    async def Generate(
+        self, request: generation_pb2.GenerateRequest, context: Any
+    ) -> generate_service_pb2.GenerateResponse:
         request_id = current_request_id()
-        domain, modality = generation_request_from_pb(request, request_id, stream=False,
-                                                      deadline=_deadline(context))
+        domain, modality = generation_request_from_pb(
+            request, request_id, stream=False, deadline=_deadline(context)
+        )
         result = ResponseAccumulator(request_id)
-        stream = await self._dataplane.generate(domain, request.model, request.fallback_models, modality)
+        stream = await self._dataplane.generate(
+            domain, request.model, request.fallback_models, modality
+        )
         async with contextlib.aclosing(stream):
             async for model, chunk in stream:
                 result.add(model, chunk)
@@ -55,9 +60,12 @@ class StreamServicer(stream_service_pb2_grpc.StreamServiceServicer):
         self, request: generation_pb2.GenerateRequest, context: Any
     ) -> AsyncIterator[stream_service_pb2.StreamGenerateResponse]:
         request_id = current_request_id()
-        domain, modality = generation_request_from_pb(request, request_id, stream=True,
-                                                      deadline=_deadline(context))
-        stream = await self._dataplane.generate(domain, request.model, request.fallback_models, modality)
+        domain, modality = generation_request_from_pb(
+            request, request_id, stream=True, deadline=_deadline(context)
+        )
+        stream = await self._dataplane.generate(
+            domain, request.model, request.fallback_models, modality
+        )
         async with contextlib.aclosing(stream):
             async for model, chunk in stream:
                 yield stream_chunk_to_pb(request_id, model, chunk)

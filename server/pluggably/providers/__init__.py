@@ -21,23 +21,29 @@ def _factory(module: str) -> Any:
     return build
 
 
-plugins.register(plugins.BackendKind(
-    name="openai",
-    config_model=OpenAIConfig,
-    factory=_factory("openai"),
-    description="OpenAI Chat Completions and every OpenAI-compatible endpoint",
-    # `generic` is what a provider of this kind with its own base_url gets, never a name.
-    presets={name: {"preset": name} for name in PRESETS if name != "generic"},
-))
-plugins.register(plugins.BackendKind(
-    name="anthropic",
-    config_model=AnthropicConfig,
-    factory=_factory("anthropic"),
-    description="Anthropic Messages API",
-))
-plugins.register(plugins.BackendKind(
-    name="gemini",
-    config_model=GeminiConfig,
-    factory=_factory("gemini"),
-    description="Google Gemini API (generateContent)",
-))
+plugins.register(
+    plugins.BackendKind(
+        name="openai",
+        config_model=OpenAIConfig,
+        factory=_factory("openai"),
+        description="OpenAI Chat Completions and every OpenAI-compatible endpoint",
+        # `generic` is what a provider of this kind with its own base_url gets, never a name.
+        presets={name: {"preset": name} for name in PRESETS if name != "generic"},
+    )
+)
+plugins.register(
+    plugins.BackendKind(
+        name="anthropic",
+        config_model=AnthropicConfig,
+        factory=_factory("anthropic"),
+        description="Anthropic Messages API",
+    )
+)
+plugins.register(
+    plugins.BackendKind(
+        name="gemini",
+        config_model=GeminiConfig,
+        factory=_factory("gemini"),
+        description="Google Gemini API (generateContent)",
+    )
+)

@@ -72,23 +72,39 @@ class HostedBackend(Backend, abc.ABC):
     #: Request-body keys that typed request fields set: `provider_options` may not override them.
     RESERVED_OPTIONS: ClassVar[frozenset[str]] = frozenset()
 
-    def __init__(self, provider: str, config: HostedProviderConfig, *, base_url: str,
-                 key_env: str | None, requires_key: bool) -> None:
+    def __init__(
+        self,
+        provider: str,
+        config: HostedProviderConfig,
+        *,
+        base_url: str,
+        key_env: str | None,
+        requires_key: bool,
+    ) -> None:
         self.provider = provider
         self.config = config
         self.requires_key = requires_key
         self.api_key, key_source = config.resolve_key(key_env)
         self._missing_key = ""
         if self.api_key is None and requires_key:
-            where = f"set {key_source[len('environment variable '):]}" if key_source.startswith(
-                "environment variable") else "configure an API key"
-            self._missing_key = (f"provider {provider!r} has no API key: {where} "
-                                 f"(or providers.{provider}.api_key / api_key_env)")
+            where = (
+                f"set {key_source[len('environment variable ') :]}"
+                if key_source.startswith("environment variable")
+                else "configure an API key"
+            )
+            self._missing_key = (
+                f"provider {provider!r} has no API key: {where} "
+                f"(or providers.{provider}.api_key / api_key_env)"
+            )
         self.secrets = tuple(s for s in (self.api_key, *config.headers.values()) if s)
         self.base_url = (config.base_url or base_url).rstrip("/")
         self.transport = HttpTransport(
-            provider, self.base_url, headers={**self.auth_headers(), **config.headers},
-            timeouts=config.timeouts, max_connections=config.max_connections)
+            provider,
+            self.base_url,
+            headers={**self.auth_headers(), **config.headers},
+            timeouts=config.timeouts,
+            max_connections=config.max_connections,
+        )
         self._configured = {m.name: self._configured_info(m) for m in config.models}
         self._listed: dict[str, ModelInfo] = {}
         self._unlisted: dict[str, ModelInfo] = {}  # served although neither configured nor listed
@@ -104,7 +120,9 @@ class HostedBackend(Backend, abc.ABC):
         """Headers that authenticate every request (none when there is no key)."""
 
     @abc.abstractmethod
-    def build_request(self, request: GenerationRequest, model: ModelInfo, stream: bool) -> tuple[str, dict[str, Any]]:
+    def build_request(
+        self, request: GenerationRequest, model: ModelInfo, stream: bool
+    ) -> tuple[str, dict[str, Any]]:
         """(path, JSON body) for a generation; may raise InvalidArgument for what the provider's
         format cannot express."""
 
@@ -137,34 +155,52 @@ class HostedBackend(Backend, abc.ABC):
         traits = self.traits(model.name)
         caps = model.capabilities.apply(traits.capabilities)
         return ModelInfo(
-            provider=self.provider, name=model.name, modality=Modality.TEXT,
+            provider=self.provider,
+            name=model.name,
+            modality=Modality.TEXT,
             description=model.description or traits.description,
-            context_length=model.context_length or traits.context_length, capabilities=caps,
-            circuit=CircuitState.CLOSED)
+            context_length=model.context_length or traits.context_length,
+            capabilities=caps,
+            circuit=CircuitState.CLOSED,
+        )
 
-    def model_info(self, name: str, *, context_length: int = 0, description: str = "",
-                   max_output_tokens: int = 0) -> ModelInfo:
+    def model_info(
+        self,
+        name: str,
+        *,
+        context_length: int = 0,
+        description: str = "",
+        max_output_tokens: int = 0,
+    ) -> ModelInfo:
         """A listed model's info: its traits, overridden by what the listing says."""
         traits = self.traits(name)
         caps = traits.capabilities
         if max_output_tokens:
             caps = dataclasses.replace(caps, max_output_tokens=max_output_tokens)
-        return ModelInfo(provider=self.provider, name=name, modality=Modality.TEXT,
-                         description=description or traits.description,
-                         context_length=context_length or traits.context_length, capabilities=caps,
-                         circuit=CircuitState.CLOSED)
+        return ModelInfo(
+            provider=self.provider,
+            name=name,
+            modality=Modality.TEXT,
+            description=description or traits.description,
+            context_length=context_length or traits.context_length,
+            capabilities=caps,
+            circuit=CircuitState.CLOSED,
+        )
 
     def _with_state(self, info: ModelInfo) -> ModelInfo:
         """`info` with the provider's and the circuit's state (infos are stored CLOSED)."""
         breaker = self._breakers.get(info.name)
         circuit = breaker.state if breaker is not None else CircuitState.CLOSED
         if self._missing_key:
-            return dataclasses.replace(info, state=ModelState.UNAVAILABLE,
-                                       state_reason=self._missing_key, circuit=circuit)
+            return dataclasses.replace(
+                info, state=ModelState.UNAVAILABLE, state_reason=self._missing_key, circuit=circuit
+            )
         if circuit is CircuitState.OPEN:
             return dataclasses.replace(
-                info, circuit=circuit,
-                state_reason="circuit breaker open after repeated upstream failures; requests are refused for now")
+                info,
+                circuit=circuit,
+                state_reason="circuit breaker open after repeated upstream failures; requests are refused for now",
+            )
         if circuit is CircuitState.HALF_OPEN:
             return dataclasses.replace(info, circuit=circuit)
         return info
@@ -180,7 +216,10 @@ class HostedBackend(Backend, abc.ABC):
                 return None
             info = self.model_info(name)
             info = dataclasses.replace(
-                info, description=info.description or "not listed by the provider; the provider's default capabilities")
+                info,
+                description=info.description
+                or "not listed by the provider; the provider's default capabilities",
+            )
             if len(self._unlisted) >= 1024:  # names come from clients: keep the memo bounded
                 self._unlisted.clear()
             self._unlisted[name] = info
@@ -195,8 +234,9 @@ class HostedBackend(Backend, abc.ABC):
             default_max = self.default_max_tokens(model)
             if default_max:
                 defaults["max_tokens"] = default_max
-            specs = parameters_for(model.modality, self.supported_parameters(model),
-                                   self.PARAMETER_RANGES, **defaults)
+            specs = parameters_for(
+                model.modality, self.supported_parameters(model), self.PARAMETER_RANGES, **defaults
+            )
             if len(self._parameters) > 4096:  # unlisted names are unbounded
                 self._parameters.clear()
             self._parameters[key] = specs
@@ -217,17 +257,21 @@ class HostedBackend(Backend, abc.ABC):
         if breaker is None:
             policy = self.config.breaker
             breaker = self._breakers[name] = CircuitBreaker(
-                f"{self.provider}/{name}", policy.failure_threshold, policy.open_s)
+                f"{self.provider}/{name}", policy.failure_threshold, policy.open_s
+            )
         return breaker
 
     # ---- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
         if self._missing_key:
-            log.warning("%s; its models are listed as unavailable until it has one", self._missing_key)
+            log.warning(
+                "%s; its models are listed as unavailable until it has one", self._missing_key
+            )
         if self.config.list_models and not self._missing_key:
             self._refresh = asyncio.get_running_loop().create_task(
-                self._refresh_models(), name=f"pluggably-list-models:{self.provider}")
+                self._refresh_models(), name=f"pluggably-list-models:{self.provider}"
+            )
 
     async def refresh_models(self) -> None:
         """Lists the provider's models once now (the background task does this periodically)."""
@@ -248,8 +292,12 @@ class HostedBackend(Backend, abc.ABC):
                 log.info("%s: listed %d models", self.provider, len(self._listed))
             except UpstreamFailure as failure:
                 delay = min(delay, _LIST_RETRY_S)
-                log.warning("%s: listing models failed (%s); retrying in %.0fs",
-                            self.provider, failure.error.message, delay)
+                log.warning(
+                    "%s: listing models failed (%s); retrying in %.0fs",
+                    self.provider,
+                    failure.error.message,
+                    delay,
+                )
             except Exception:
                 delay = min(delay, _LIST_RETRY_S)
                 log.exception("%s: listing models failed; retrying in %.0fs", self.provider, delay)
@@ -273,20 +321,27 @@ class HostedBackend(Backend, abc.ABC):
             err = self.parse_error(status, headers, body)
             if err.retry_after_s is None:
                 err = dataclasses.replace(err, retry_after_s=retry_after_s(headers))
-            return upstream_failure(err, provider=self.provider, model_id=model_id, secrets=self.secrets)
+            return upstream_failure(
+                err, provider=self.provider, model_id=model_id, secrets=self.secrets
+            )
 
         return parse
 
     def failure(self, err: UpstreamError, model_id: str) -> UpstreamFailure:
-        return upstream_failure(err, provider=self.provider, model_id=model_id, secrets=self.secrets)
+        return upstream_failure(
+            err, provider=self.provider, model_id=model_id, secrets=self.secrets
+        )
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         info = await self.get_model(request.model)
         if info is None:
             raise ModelNotFound(f"{self.provider}/{request.model}")
         if self._missing_key:
-            raise FailedPrecondition(self._missing_key, reason="PROVIDER_NOT_CONFIGURED",
-                                     metadata={"provider": self.provider})
+            raise FailedPrecondition(
+                self._missing_key,
+                reason="PROVIDER_NOT_CONFIGURED",
+                metadata={"provider": self.provider},
+            )
         stream = request.stream and info.capabilities.streaming
         path, body = self.build_request(request, info, stream)
         if request.provider_options:
@@ -313,15 +368,25 @@ class HostedBackend(Backend, abc.ABC):
                 # A failure that opened the circuit ends the request with what went wrong: a
                 # retry would only sleep and then be refused as PROVIDER_CIRCUIT_OPEN, hiding
                 # the cause from a client whose request did reach the provider.
-                if (sent or not failure.retryable or attempt >= policy.max_attempts
-                        or (hint is not None and hint > policy.max_retry_after_s)
-                        or breaker.state is CircuitState.OPEN):
+                if (
+                    sent
+                    or not failure.retryable
+                    or attempt >= policy.max_attempts
+                    or (hint is not None and hint > policy.max_retry_after_s)
+                    or breaker.state is CircuitState.OPEN
+                ):
                     raise failure.error from None
                 delay = backoff_s(attempt, policy.initial_backoff_s, policy.max_backoff_s, hint)
                 if request.deadline is not None and loop.time() + delay >= request.deadline:
                     raise failure.error from None
-                log.info("%s: attempt %d for %s failed (%s); retrying in %.2fs", self.provider, attempt,
-                         info.id, failure.error.reason, delay)
+                log.info(
+                    "%s: attempt %d for %s failed (%s); retrying in %.2fs",
+                    self.provider,
+                    attempt,
+                    info.id,
+                    failure.error.reason,
+                    delay,
+                )
                 await asyncio.sleep(delay)
                 continue
             except BaseException:
@@ -330,14 +395,21 @@ class HostedBackend(Backend, abc.ABC):
             breaker.success()
             return
 
-    async def _exchange(self, path: str, payload: bytes, request: GenerationRequest, info: ModelInfo,
-                        stream: bool) -> AsyncIterator[Chunk]:
+    async def _exchange(
+        self, path: str, payload: bytes, request: GenerationRequest, info: ModelInfo, stream: bool
+    ) -> AsyncIterator[Chunk]:
         query = None
         if stream:
             path, query = self.stream_path(path)
         async with self.transport.open(
-            "POST", path, body=payload, params=query, stream=stream, deadline=request.deadline,
-            model_id=info.id, parse_error=self.failure_from_http(info.id),
+            "POST",
+            path,
+            body=payload,
+            params=query,
+            stream=stream,
+            deadline=request.deadline,
+            model_id=info.id,
+            parse_error=self.failure_from_http(info.id),
             headers=_JSON_HEADERS,
         ) as upstream:
             if stream:
@@ -349,7 +421,9 @@ class HostedBackend(Backend, abc.ABC):
                     yield chunk
                 return
             raw = await upstream.read()
-            for chunk in self._decoded(lambda body: self.decode_response(orjson.loads(body), request), raw, info):
+            for chunk in self._decoded(
+                lambda body: self.decode_response(orjson.loads(body), request), raw, info
+            ):
                 yield chunk
 
     def _decoded(self, decode: Any, data: Any, info: ModelInfo) -> list[Chunk]:
@@ -362,18 +436,25 @@ class HostedBackend(Backend, abc.ABC):
         except Exception as exc:
             raise bad_response(self.provider, info.id, _what_broke(exc)) from None
 
-    async def get_json(self, path: str, params: Mapping[str, str] | None = None, *,
-                       what: str = "models") -> Any:
+    async def get_json(
+        self, path: str, params: Mapping[str, str] | None = None, *, what: str = "models"
+    ) -> Any:
         """A GET for metadata (model lists): short timeouts, parsed JSON."""
         async with self.transport.open(
-            "GET", path, params=params, model_id=f"{self.provider}/*", total_s=30.0,
+            "GET",
+            path,
+            params=params,
+            model_id=f"{self.provider}/*",
+            total_s=30.0,
             parse_error=self.failure_from_http(f"{self.provider}/*"),
         ) as upstream:
             raw = await upstream.read()
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError:
-            raise bad_response(self.provider, f"{self.provider}/*", f"the {what} list is not JSON") from None
+            raise bad_response(
+                self.provider, f"{self.provider}/*", f"the {what} list is not JSON"
+            ) from None
 
     def scrubbed(self, text: str) -> str:
         return scrub(text, self.secrets)

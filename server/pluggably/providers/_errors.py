@@ -113,79 +113,138 @@ def upstream_failure(
 
     if kind == "context_length":
         field_name = "text.max_tokens" if "max_tokens" in err.param else "messages"
-        return UpstreamFailure(InvalidArgument(
-            [FieldViolation(field_name, f"{model_id!r}: {message}")],
-            message=f"the request does not fit the context window of {model_id!r}: {message}",
-            reason="CONTEXT_LENGTH_EXCEEDED"))
+        return UpstreamFailure(
+            InvalidArgument(
+                [FieldViolation(field_name, f"{model_id!r}: {message}")],
+                message=f"the request does not fit the context window of {model_id!r}: {message}",
+                reason="CONTEXT_LENGTH_EXCEEDED",
+            )
+        )
     if kind == "content_filter":
-        return UpstreamFailure(InvalidArgument(
-            [FieldViolation("messages", f"{provider} refused the content: {message}")],
-            message=f"{provider} refused the request under its content policy: {message}",
-            reason="CONTENT_FILTERED"))
+        return UpstreamFailure(
+            InvalidArgument(
+                [FieldViolation("messages", f"{provider} refused the content: {message}")],
+                message=f"{provider} refused the request under its content policy: {message}",
+                reason="CONTENT_FILTERED",
+            )
+        )
     if kind == "auth":
-        return UpstreamFailure(FailedPrecondition(
-            f"{provider} rejected the gateway's credentials ({status}): {message}",
-            reason="PROVIDER_AUTH_FAILED", metadata=metadata))
+        return UpstreamFailure(
+            FailedPrecondition(
+                f"{provider} rejected the gateway's credentials ({status}): {message}",
+                reason="PROVIDER_AUTH_FAILED",
+                metadata=metadata,
+            )
+        )
     if kind == "quota":
-        return UpstreamFailure(ResourceExhausted(
-            f"{provider} quota exhausted: {message}", subject=f"provider:{provider}",
-            reason="PROVIDER_QUOTA_EXCEEDED", metadata=metadata))
+        return UpstreamFailure(
+            ResourceExhausted(
+                f"{provider} quota exhausted: {message}",
+                subject=f"provider:{provider}",
+                reason="PROVIDER_QUOTA_EXCEEDED",
+                metadata=metadata,
+            )
+        )
     if kind == "rate_limit":
         retry = err.retry_after_s if err.retry_after_s is not None else 1.0
-        return UpstreamFailure(ResourceExhausted(
-            f"{provider} rate-limited the request: {message}", subject=f"provider:{provider}",
-            reason="PROVIDER_RATE_LIMITED", retry_after_s=retry, metadata=metadata),
-            retryable=True, retry_after_s=err.retry_after_s)
+        return UpstreamFailure(
+            ResourceExhausted(
+                f"{provider} rate-limited the request: {message}",
+                subject=f"provider:{provider}",
+                reason="PROVIDER_RATE_LIMITED",
+                retry_after_s=retry,
+                metadata=metadata,
+            ),
+            retryable=True,
+            retry_after_s=err.retry_after_s,
+        )
     if kind == "overloaded" or status >= 500 or status in (408, 409):
-        return UpstreamFailure(Unavailable(
-            f"{provider} could not serve {model_id!r} ({status or 'in-stream error'}): {message}",
-            reason="PROVIDER_UNAVAILABLE", retry_after_s=err.retry_after_s, metadata=metadata),
-            retryable=True, breaker=True, retry_after_s=err.retry_after_s)
+        return UpstreamFailure(
+            Unavailable(
+                f"{provider} could not serve {model_id!r} ({status or 'in-stream error'}): {message}",
+                reason="PROVIDER_UNAVAILABLE",
+                retry_after_s=err.retry_after_s,
+                metadata=metadata,
+            ),
+            retryable=True,
+            breaker=True,
+            retry_after_s=err.retry_after_s,
+        )
     if status == 404:
         error: PluggablyError = NotFound(
-            f"{provider} does not know model {model_id!r}: {message}", resource_type="model",
-            resource_name=model_id, reason="PROVIDER_MODEL_NOT_FOUND")
+            f"{provider} does not know model {model_id!r}: {message}",
+            resource_type="model",
+            resource_name=model_id,
+            reason="PROVIDER_MODEL_NOT_FOUND",
+        )
         error.metadata.update(metadata)
         return UpstreamFailure(error)
-    violations = [FieldViolation(_field_for(err.param), f"{provider}: {message}")] if err.param else []
-    return UpstreamFailure(InvalidArgument(
-        violations, message=f"{provider} rejected the request ({status}): {message}",
-        reason="PROVIDER_REJECTED_REQUEST"))
+    violations = (
+        [FieldViolation(_field_for(err.param), f"{provider}: {message}")] if err.param else []
+    )
+    return UpstreamFailure(
+        InvalidArgument(
+            violations,
+            message=f"{provider} rejected the request ({status}): {message}",
+            reason="PROVIDER_REJECTED_REQUEST",
+        )
+    )
 
 
 def _field_for(param: str) -> str:
     """A provider's parameter name as the field of our request, where they correspond."""
     param = param.strip()
     mapping = {
-        "max_tokens": "text.max_tokens", "max_completion_tokens": "text.max_tokens",
-        "maxOutputTokens": "text.max_tokens", "temperature": "text.temperature",
-        "top_p": "text.top_p", "top_k": "text.top_k", "stop": "text.stop",
-        "stop_sequences": "text.stop", "response_format": "text.response_format",
+        "max_tokens": "text.max_tokens",
+        "max_completion_tokens": "text.max_tokens",
+        "maxOutputTokens": "text.max_tokens",
+        "temperature": "text.temperature",
+        "top_p": "text.top_p",
+        "top_k": "text.top_k",
+        "stop": "text.stop",
+        "stop_sequences": "text.stop",
+        "response_format": "text.response_format",
         "seed": "text.seed",
     }
     head = re.split(r"[.\[]", param, maxsplit=1)[0]
     if head in mapping:
         return mapping[head]
     if head in ("messages", "tools", "tool_choice", "contents", "system"):
-        return {"contents": "messages", "system": "messages"}.get(head, head) + param[len(head):]
+        return {"contents": "messages", "system": "messages"}.get(head, head) + param[len(head) :]
     return f"provider_options.{head}" if head else "provider_options"
 
 
 def connection_failure(provider: str, model_id: str, what: str) -> UpstreamFailure:
-    return UpstreamFailure(Unavailable(
-        f"{provider} is unreachable for {model_id!r}: {what}", reason="PROVIDER_UNAVAILABLE",
-        metadata={"provider": provider, "model": model_id}), retryable=True, breaker=True)
+    return UpstreamFailure(
+        Unavailable(
+            f"{provider} is unreachable for {model_id!r}: {what}",
+            reason="PROVIDER_UNAVAILABLE",
+            metadata={"provider": provider, "model": model_id},
+        ),
+        retryable=True,
+        breaker=True,
+    )
 
 
 def timeout_failure(provider: str, model_id: str, what: str, seconds: float) -> UpstreamFailure:
-    return UpstreamFailure(Unavailable(
-        f"{provider} did not answer for {model_id!r} in time ({what}, {seconds:g}s)",
-        reason="PROVIDER_TIMEOUT", metadata={"provider": provider, "model": model_id}),
-        retryable=True, breaker=True)
+    return UpstreamFailure(
+        Unavailable(
+            f"{provider} did not answer for {model_id!r} in time ({what}, {seconds:g}s)",
+            reason="PROVIDER_TIMEOUT",
+            metadata={"provider": provider, "model": model_id},
+        ),
+        retryable=True,
+        breaker=True,
+    )
 
 
 def bad_response(provider: str, model_id: str, what: str) -> UpstreamFailure:
-    return UpstreamFailure(Unavailable(
-        f"{provider} sent a response the gateway cannot use for {model_id!r}: {what}",
-        reason="PROVIDER_BAD_RESPONSE", metadata={"provider": provider, "model": model_id}),
-        retryable=True, breaker=True)
+    return UpstreamFailure(
+        Unavailable(
+            f"{provider} sent a response the gateway cannot use for {model_id!r}: {what}",
+            reason="PROVIDER_BAD_RESPONSE",
+            metadata={"provider": provider, "model": model_id},
+        ),
+        retryable=True,
+        breaker=True,
+    )

@@ -10,7 +10,9 @@ from pluggably.core.errors import Unavailable
 from pluggably.core.types import CircuitState
 
 
-def backoff_s(attempt: int, initial_s: float, max_s: float, retry_after_s: float | None = None) -> float:
+def backoff_s(
+    attempt: int, initial_s: float, max_s: float, retry_after_s: float | None = None
+) -> float:
     """The pause before retry number `attempt` (1 = the first retry): exponential with full
     jitter (so clients that failed together do not retry together), and never shorter than the
     provider's own retry hint."""
@@ -29,8 +31,13 @@ class CircuitBreaker:
     unusable responses), not requests the provider refused or rate limits.
     """
 
-    def __init__(self, subject: str, threshold: int, open_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        subject: str,
+        threshold: int,
+        open_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.subject = subject
         self.threshold = threshold
         self.open_s = open_s

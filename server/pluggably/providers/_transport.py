@@ -60,9 +60,16 @@ def retry_after_s(headers: Mapping[str, str]) -> float | None:
 class Upstream:
     """One response being read, with its time limits (event-loop clock)."""
 
-    def __init__(self, transport: HttpTransport, response: aiohttp.ClientResponse, model_id: str,
-                 first_byte_at: float, limit_at: float, deadline: float | None,
-                 total_s: float) -> None:
+    def __init__(
+        self,
+        transport: HttpTransport,
+        response: aiohttp.ClientResponse,
+        model_id: str,
+        first_byte_at: float,
+        limit_at: float,
+        deadline: float | None,
+        total_s: float,
+    ) -> None:
         self._transport = transport
         self.response = response
         self._model_id = model_id
@@ -83,11 +90,19 @@ class Upstream:
             async with asyncio.timeout_at(self._limit_at):
                 return await self.response.read()
         except TimeoutError:
-            raise self._transport.timed_out(self._model_id, "reading the response",
-                                            self._total_s, self._limit_at, self._deadline) from None
+            raise self._transport.timed_out(
+                self._model_id,
+                "reading the response",
+                self._total_s,
+                self._limit_at,
+                self._deadline,
+            ) from None
         except aiohttp.ClientError as exc:
-            raise connection_failure(self._transport.provider, self._model_id,
-                                     f"the connection failed while reading the response ({type(exc).__name__})") from None
+            raise connection_failure(
+                self._transport.provider,
+                self._model_id,
+                f"the connection failed while reading the response ({type(exc).__name__})",
+            ) from None
 
     async def events(self) -> AsyncIterator[SSEEvent]:
         """The body as Server-Sent Events, each read bounded by the first-byte or idle timeout."""
@@ -108,11 +123,15 @@ class Upstream:
                     # The attempt's overall limit ended the wait, not the first-byte or idle
                     # timeout: say so (timed_out names the client's deadline when that bound).
                     what, seconds = "streaming the response", self._total_s
-                raise self._transport.timed_out(self._model_id, what, seconds, read_at,
-                                                self._deadline) from None
+                raise self._transport.timed_out(
+                    self._model_id, what, seconds, read_at, self._deadline
+                ) from None
             except aiohttp.ClientError as exc:
-                raise connection_failure(self._transport.provider, self._model_id,
-                                         f"the stream broke off ({type(exc).__name__})") from None
+                raise connection_failure(
+                    self._transport.provider,
+                    self._model_id,
+                    f"the stream broke off ({type(exc).__name__})",
+                ) from None
             if not data:
                 for event in parser.close():  # a bare CR that ended the body ends a line too
                     yield event
@@ -176,12 +195,15 @@ class HttpTransport:
         idle = sum(len(conns) for conns in getattr(connector, "_conns", {}).values())
         return idle + len(getattr(connector, "_acquired", ()))
 
-    def timed_out(self, model_id: str, what: str, seconds: float, limit_at: float,
-                  deadline: float | None) -> Exception:
+    def timed_out(
+        self, model_id: str, what: str, seconds: float, limit_at: float, deadline: float | None
+    ) -> Exception:
         """The error for a wait that ended at `limit_at`: the client's deadline, when that was
         the binding limit, else the provider's timeout of `seconds`."""
         if deadline is not None and limit_at >= deadline:
-            return DeadlineExceeded(f"the client's deadline passed while {what} from {self.provider}")
+            return DeadlineExceeded(
+                f"the client's deadline passed while {what} from {self.provider}"
+            )
         return timeout_failure(self.provider, model_id, what, seconds)
 
     @contextlib.asynccontextmanager
@@ -214,14 +236,15 @@ class HttpTransport:
         try:
             async with asyncio.timeout_at(first_byte_at):
                 response = await self._client().request(
-                    method, url, data=body, headers=headers, params=params,
-                    allow_redirects=False)
+                    method, url, data=body, headers=headers, params=params, allow_redirects=False
+                )
         except aiohttp.ClientError as exc:
             raise connection_failure(self.provider, model_id, _describe(exc)) from None
         except TimeoutError:
             seconds = self.timeouts.first_byte_s if stream and first_byte_at < limit_at else total_s
-            raise self.timed_out(model_id, "waiting for the response", seconds, first_byte_at,
-                                 deadline) from None
+            raise self.timed_out(
+                model_id, "waiting for the response", seconds, first_byte_at, deadline
+            ) from None
         try:
             if response.status >= 400:
                 raw = await _read_error_body(response, min(limit_at, loop.time() + 10))

@@ -73,15 +73,29 @@ _MODELS: tuple[tuple[str, Capabilities, int], ...] = (
 )
 # Text-completion-era ids the Messages API cannot serve.
 _NOT_MESSAGES = ("claude-instant", "claude-1", "claude-2")
-_RESERVED = frozenset({
-    "model", "messages", "system", "max_tokens", "stream", "temperature", "top_p", "top_k",
-    "stop_sequences", "tools", "tool_choice", "output_config",
-})
+_RESERVED = frozenset(
+    {
+        "model",
+        "messages",
+        "system",
+        "max_tokens",
+        "stream",
+        "temperature",
+        "top_p",
+        "top_k",
+        "stop_sequences",
+        "tools",
+        "tool_choice",
+        "output_config",
+    }
+)
 
 
 class AnthropicBackend(HostedBackend):
     SUPPORTED_PARAMETERS = ("temperature", "top_p", "top_k", "stop")
-    PARAMETER_RANGES: ClassVar[dict[str, tuple[float | None, float | None]]] = {"temperature": (None, 1.0)}
+    PARAMETER_RANGES: ClassVar[dict[str, tuple[float | None, float | None]]] = {
+        "temperature": (None, 1.0)
+    }
     RESERVED_OPTIONS = _RESERVED
 
     def __init__(self, provider: str, config: AnthropicConfig) -> None:
@@ -101,7 +115,9 @@ class AnthropicBackend(HostedBackend):
     def traits(self, name: str) -> ModelTraits:
         for prefix, caps, max_output in _MODELS:
             if name.startswith(prefix):
-                return ModelTraits(Capabilities(**{**caps.__dict__, "max_output_tokens": max_output}), 200000)
+                return ModelTraits(
+                    Capabilities(**{**caps.__dict__, "max_output_tokens": max_output}), 200000
+                )
         return ModelTraits(self.default_caps, 0)
 
     def default_max_tokens(self, model: ModelInfo) -> int | None:
@@ -119,13 +135,20 @@ class AnthropicBackend(HostedBackend):
             body = await self.get_json("/models", params)
             for entry in body.get("data") or ():
                 name = entry.get("id") if isinstance(entry, dict) else None
-                if (not isinstance(name, str) or name.startswith(_NOT_MESSAGES)
-                        or entry.get("lifecycle") == "retired"):
+                if (
+                    not isinstance(name, str)
+                    or name.startswith(_NOT_MESSAGES)
+                    or entry.get("lifecycle") == "retired"
+                ):
                     continue
-                models.append(self.model_info(
-                    name, description=str(entry.get("display_name") or ""),
-                    context_length=_int(entry.get("max_input_tokens")),
-                    max_output_tokens=_int(entry.get("max_tokens"))))
+                models.append(
+                    self.model_info(
+                        name,
+                        description=str(entry.get("display_name") or ""),
+                        context_length=_int(entry.get("max_input_tokens")),
+                        max_output_tokens=_int(entry.get("max_tokens")),
+                    )
+                )
             if not body.get("has_more") or not body.get("last_id"):
                 break
             params = {"limit": "1000", "after_id": str(body["last_id"])}
@@ -133,7 +156,9 @@ class AnthropicBackend(HostedBackend):
 
     # ---- requests ------------------------------------------------------------------------
 
-    def build_request(self, request: GenerationRequest, model: ModelInfo, stream: bool) -> tuple[str, dict[str, Any]]:
+    def build_request(
+        self, request: GenerationRequest, model: ModelInfo, stream: bool
+    ) -> tuple[str, dict[str, Any]]:
         text = request.text
         body: dict[str, Any] = {
             "model": model.name,
@@ -153,8 +178,11 @@ class AnthropicBackend(HostedBackend):
             body["stop_sequences"] = list(text.stop)
         if request.tools:
             body["tools"] = [
-                {"name": t.name, **({"description": t.description} if t.description else {}),
-                 "input_schema": t.parameters or {"type": "object", "properties": {}}}
+                {
+                    "name": t.name,
+                    **({"description": t.description} if t.description else {}),
+                    "input_schema": t.parameters or {"type": "object", "properties": {}},
+                }
                 for t in request.tools
             ]
             choice = request.tool_choice
@@ -167,15 +195,22 @@ class AnthropicBackend(HostedBackend):
                 }[choice.mode]
         fmt = text.response_format
         if fmt is not None and fmt.type is not ResponseFormatType.TEXT:
-            schema = fmt.schema if fmt.type is ResponseFormatType.JSON_SCHEMA else {"type": "object"}
-            body["output_config"] = {"format": {"type": "json_schema", "schema": schema or {"type": "object"}}}
+            schema = (
+                fmt.schema if fmt.type is ResponseFormatType.JSON_SCHEMA else {"type": "object"}
+            )
+            body["output_config"] = {
+                "format": {"type": "json_schema", "schema": schema or {"type": "object"}}
+            }
         return "/messages", body
 
     # ---- responses -----------------------------------------------------------------------
 
     def decode_response(self, body: Any, request: GenerationRequest) -> list[Chunk]:
         if body.get("type") == "error":
-            raise self.failure(self._error_from(200, body.get("error") or {}, ""), f"{self.provider}/{request.model}")
+            raise self.failure(
+                self._error_from(200, body.get("error") or {}, ""),
+                f"{self.provider}/{request.model}",
+            )
         chunks: list[Chunk] = []
         calls = 0
         for block in body.get("content") or ():
@@ -183,15 +218,26 @@ class AnthropicBackend(HostedBackend):
             if kind == "text" and block.get("text"):
                 chunks.append(TextChunk(block["text"]))
             elif kind == "tool_use":
-                chunks.append(ToolCallChunk(calls, id=block.get("id") or f"toolu_{calls}", name=block.get("name") or "",
-                                            arguments=orjson.dumps(block.get("input") or {}).decode()))
+                chunks.append(
+                    ToolCallChunk(
+                        calls,
+                        id=block.get("id") or f"toolu_{calls}",
+                        name=block.get("name") or "",
+                        arguments=orjson.dumps(block.get("input") or {}).decode(),
+                    )
+                )
                 calls += 1
         reason = body.get("stop_reason")
         if reason is None:
             raise bad_response(self.provider, f"{self.provider}/{request.model}", "no stop_reason")
-        chunks.append(DoneChunk(
-            _FINISH.get(reason, FinishReason.STOP), _usage(body.get("usage") or {}, None),
-            stop_sequence=body.get("stop_sequence") or "", model_version=body.get("model") or ""))
+        chunks.append(
+            DoneChunk(
+                _FINISH.get(reason, FinishReason.STOP),
+                _usage(body.get("usage") or {}, None),
+                stop_sequence=body.get("stop_sequence") or "",
+                model_version=body.get("model") or "",
+            )
+        )
         return chunks
 
     def stream_decoder(self, request: GenerationRequest) -> _StreamDecoder:
@@ -205,7 +251,9 @@ class AnthropicBackend(HostedBackend):
         error = data.get("error") if isinstance(data, dict) else None
         if not isinstance(error, dict):
             error = {"message": body[:200].decode("utf-8", "replace")}
-        request_id = headers.get("request-id", "") or (data.get("request_id") or "" if isinstance(data, dict) else "")
+        request_id = headers.get("request-id", "") or (
+            data.get("request_id") or "" if isinstance(data, dict) else ""
+        )
         return self._error_from(status, error, request_id)
 
     def _error_from(self, status: int, error: dict[str, Any], request_id: str) -> UpstreamError:
@@ -213,8 +261,13 @@ class AnthropicBackend(HostedBackend):
         kind = _ERROR_KINDS.get(kind_name, "")
         if status == 200 and not kind and kind_name != "invalid_request_error":
             kind = "overloaded"  # an unknown error event mid-stream: the provider's fault
-        return UpstreamError(status=status, message=str(error.get("message") or ""), type=kind_name,
-                             request_id=str(request_id), kind=kind)
+        return UpstreamError(
+            status=status,
+            message=str(error.get("message") or ""),
+            type=kind_name,
+            request_id=str(request_id),
+            kind=kind,
+        )
 
 
 class _StreamDecoder:
@@ -249,10 +302,15 @@ class _StreamDecoder:
             if block.get("type") == "tool_use":
                 index = len(self._tool_index)
                 self._tool_index[data.get("index", index)] = index
-                out: list[Chunk] = [ToolCallChunk(index, id=block.get("id") or f"toolu_{index}",
-                                                  name=block.get("name") or "")]
+                out: list[Chunk] = [
+                    ToolCallChunk(
+                        index, id=block.get("id") or f"toolu_{index}", name=block.get("name") or ""
+                    )
+                ]
                 if block.get("input"):  # a server that sends the input whole, not as deltas
-                    out.append(ToolCallChunk(index, arguments=orjson.dumps(block["input"]).decode()))
+                    out.append(
+                        ToolCallChunk(index, arguments=orjson.dumps(block["input"]).decode())
+                    )
                 return out
             if block.get("type") == "text" and block.get("text"):
                 return [TextChunk(block["text"])]
@@ -273,18 +331,30 @@ class _StreamDecoder:
         if kind == "message_stop":
             self._done = True
             if self._reason is None:
-                raise bad_response(self._backend.provider, self._model_id, "the stream ended without a stop_reason")
-            return [DoneChunk(_FINISH.get(self._reason, FinishReason.STOP),
-                              _usage(self._start_usage, self._delta_usage),
-                              stop_sequence=self._stop_sequence, model_version=self._model)]
+                raise bad_response(
+                    self._backend.provider, self._model_id, "the stream ended without a stop_reason"
+                )
+            return [
+                DoneChunk(
+                    _FINISH.get(self._reason, FinishReason.STOP),
+                    _usage(self._start_usage, self._delta_usage),
+                    stop_sequence=self._stop_sequence,
+                    model_version=self._model,
+                )
+            ]
         if kind == "error":
-            raise self._backend.failure(self._backend._error_from(200, data.get("error") or {}, ""), self._model_id)
+            raise self._backend.failure(
+                self._backend._error_from(200, data.get("error") or {}, ""), self._model_id
+            )
         return []  # content_block_stop and event types added later
 
     def finish(self) -> list[Chunk]:
         if not self._done:
-            raise bad_response(self._backend.provider, self._model_id,
-                               "the stream ended without its end marker (message_stop)")
+            raise bad_response(
+                self._backend.provider,
+                self._model_id,
+                "the stream ended without its end marker (message_stop)",
+            )
         return []
 
 
@@ -293,9 +363,16 @@ def _usage(start: dict[str, Any], delta: dict[str, Any] | None) -> Usage:
     output tokens from the last message_delta."""
     merged = {**start, **(delta or {})}
     cache_read = _int(merged.get("cache_read_input_tokens"))
-    prompt = _int(merged.get("input_tokens")) + cache_read + _int(merged.get("cache_creation_input_tokens"))
-    return Usage(prompt_tokens=prompt, completion_tokens=_int(merged.get("output_tokens")),
-                 cached_prompt_tokens=cache_read)
+    prompt = (
+        _int(merged.get("input_tokens"))
+        + cache_read
+        + _int(merged.get("cache_creation_input_tokens"))
+    )
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=_int(merged.get("output_tokens")),
+        cached_prompt_tokens=cache_read,
+    )
 
 
 def _int(value: Any) -> int:
@@ -326,11 +403,25 @@ def _conversation(request: GenerationRequest) -> tuple[str, list[dict[str, Any]]
 
 def _blocks(message: ChatMessage) -> list[dict[str, Any]]:
     if message.role == "tool":
-        return [{"type": "tool_result", "tool_use_id": message.tool_call_id, "content": message.text() or "(empty)"}]
-    blocks = [_block(p) for p in message.content_parts() if not (isinstance(p, TextPart) and not p.text)]
+        return [
+            {
+                "type": "tool_result",
+                "tool_use_id": message.tool_call_id,
+                "content": message.text() or "(empty)",
+            }
+        ]
+    blocks = [
+        _block(p) for p in message.content_parts() if not (isinstance(p, TextPart) and not p.text)
+    ]
     for call in message.tool_calls:
-        blocks.append({"type": "tool_use", "id": call.id, "name": call.name,
-                       "input": orjson.loads(call.arguments or "{}")})
+        blocks.append(
+            {
+                "type": "tool_use",
+                "id": call.id,
+                "name": call.name,
+                "input": orjson.loads(call.arguments or "{}"),
+            }
+        )
     return blocks
 
 
@@ -339,10 +430,15 @@ def _block(part: TextPart | ImagePart) -> dict[str, Any]:
         return {"type": "text", "text": part.text}
     if part.url:
         return {"type": "image", "source": {"type": "url", "url": part.url}}
-    return {"type": "image", "source": {"type": "base64", "media_type": part.mime_type,
-                                        "data": base64.b64encode(part.data).decode()}}
+    return {
+        "type": "image",
+        "source": {
+            "type": "base64",
+            "media_type": part.mime_type,
+            "data": base64.b64encode(part.data).decode(),
+        },
+    }
 
 
 def build(provider: str, section: AnthropicConfig) -> AnthropicBackend:
     return AnthropicBackend(provider, section)
-

@@ -116,7 +116,9 @@ class HostedProviderConfig(StrictModel):
             raise ValueError(f"duplicate names {', '.join(duplicates)}")
         return models
 
-    def resolve_key(self, default_env: str | None, environ: dict[str, str] | None = None) -> tuple[str | None, str]:
+    def resolve_key(
+        self, default_env: str | None, environ: dict[str, str] | None = None
+    ) -> tuple[str | None, str]:
         """(key or None, where it was looked for), from `api_key`, else `api_key_env`, else the
         kind's default variable."""
         if self.api_key is not None and self.api_key.get_secret_value():
@@ -169,8 +171,16 @@ class OpenAIConfig(HostedProviderConfig):
     @field_validator("supported_parameters")
     @classmethod
     def _known_parameters(cls, value: list[str] | None) -> list[str] | None:
-        known = {"temperature", "top_p", "top_k", "seed", "stop", "presence_penalty",
-                 "frequency_penalty", "repetition_penalty"}
+        known = {
+            "temperature",
+            "top_p",
+            "top_k",
+            "seed",
+            "stop",
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+        }
         unknown = sorted(set(value or ()) - known)
         if unknown:
             raise ValueError(f"unknown parameters {unknown}; known: {', '.join(sorted(known))}")

@@ -46,8 +46,9 @@ BASE_URL = "https://generativelanguage.googleapis.com"
 KEY_ENV = "GEMINI_API_KEY"
 MAX_STOP_SEQUENCES = 5
 
-_BLOCKED = frozenset({"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY",
-                      "LANGUAGE"})
+_BLOCKED = frozenset(
+    {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY", "LANGUAGE"}
+)
 _ERROR_KINDS = {
     "RESOURCE_EXHAUSTED": "rate_limit",
     "UNAVAILABLE": "overloaded",
@@ -63,20 +64,42 @@ _MODELS: tuple[tuple[str, int, int], ...] = (  # prefix, context, max output
     ("gemini-2.0", 1048576, 8192),
     ("gemini-1.5", 1048576, 8192),
 )
-_RESERVED = frozenset({"contents", "systemInstruction", "system_instruction", "generationConfig",
-                       "generation_config", "tools", "toolConfig", "tool_config"})
+_RESERVED = frozenset(
+    {
+        "contents",
+        "systemInstruction",
+        "system_instruction",
+        "generationConfig",
+        "generation_config",
+        "tools",
+        "toolConfig",
+        "tool_config",
+    }
+)
 
 
 class GeminiBackend(HostedBackend):
-    SUPPORTED_PARAMETERS = ("temperature", "top_p", "top_k", "seed", "stop", "presence_penalty",
-                            "frequency_penalty")
+    SUPPORTED_PARAMETERS = (
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "stop",
+        "presence_penalty",
+        "frequency_penalty",
+    )
     RESERVED_OPTIONS = _RESERVED
 
     def __init__(self, provider: str, config: GeminiConfig) -> None:
         self.default_caps = config.default_capabilities.apply(_ALL)
         base = (config.base_url or BASE_URL).rstrip("/")
-        super().__init__(provider, config.model_copy(update={"base_url": f"{base}/{config.api_version}"}),
-                         base_url=BASE_URL, key_env=KEY_ENV, requires_key=True)
+        super().__init__(
+            provider,
+            config.model_copy(update={"base_url": f"{base}/{config.api_version}"}),
+            base_url=BASE_URL,
+            key_env=KEY_ENV,
+            requires_key=True,
+        )
         self._call_ids = 0
 
     def auth_headers(self) -> dict[str, str]:
@@ -101,10 +124,14 @@ class GeminiBackend(HostedBackend):
                 methods = entry.get("supportedGenerationMethods") or ()
                 if not name.startswith("models/") or "generateContent" not in methods:
                     continue
-                models.append(self.model_info(
-                    name.removeprefix("models/"), description=str(entry.get("displayName") or ""),
-                    context_length=_int(entry.get("inputTokenLimit")),
-                    max_output_tokens=_int(entry.get("outputTokenLimit"))))
+                models.append(
+                    self.model_info(
+                        name.removeprefix("models/"),
+                        description=str(entry.get("displayName") or ""),
+                        context_length=_int(entry.get("inputTokenLimit")),
+                        max_output_tokens=_int(entry.get("outputTokenLimit")),
+                    )
+                )
             token = body.get("nextPageToken")
             if not token:
                 break
@@ -116,11 +143,19 @@ class GeminiBackend(HostedBackend):
     def stream_path(self, path: str) -> tuple[str, dict[str, str] | None]:
         return path.replace(":generateContent", ":streamGenerateContent"), {"alt": "sse"}
 
-    def build_request(self, request: GenerationRequest, model: ModelInfo, stream: bool) -> tuple[str, dict[str, Any]]:
+    def build_request(
+        self, request: GenerationRequest, model: ModelInfo, stream: bool
+    ) -> tuple[str, dict[str, Any]]:
         text = request.text
         if len(text.stop) > MAX_STOP_SEQUENCES:
-            raise InvalidArgument([FieldViolation(
-                "text.stop", f"{model.id!r} takes at most {MAX_STOP_SEQUENCES} stop sequences, got {len(text.stop)}")])
+            raise InvalidArgument(
+                [
+                    FieldViolation(
+                        "text.stop",
+                        f"{model.id!r} takes at most {MAX_STOP_SEQUENCES} stop sequences, got {len(text.stop)}",
+                    )
+                ]
+            )
         system, contents = _contents(request)
         body: dict[str, Any] = {"contents": contents}
         if system:
@@ -129,9 +164,14 @@ class GeminiBackend(HostedBackend):
         max_tokens = text.max_tokens or self.default_max_tokens(model)
         if max_tokens:
             config["maxOutputTokens"] = max_tokens
-        for short, name in (("temperature", "temperature"), ("top_p", "topP"), ("top_k", "topK"),
-                            ("seed", "seed"), ("presence_penalty", "presencePenalty"),
-                            ("frequency_penalty", "frequencyPenalty")):
+        for short, name in (
+            ("temperature", "temperature"),
+            ("top_p", "topP"),
+            ("top_k", "topK"),
+            ("seed", "seed"),
+            ("presence_penalty", "presencePenalty"),
+            ("frequency_penalty", "frequencyPenalty"),
+        ):
             value = getattr(text, short)
             if value is not None:
                 config[name] = value
@@ -156,9 +196,14 @@ class GeminiBackend(HostedBackend):
             body["tools"] = [{"functionDeclarations": declarations}]
             choice = request.tool_choice
             if choice is not None:
-                calling: dict[str, Any] = {"mode": {
-                    ToolChoiceMode.AUTO: "AUTO", ToolChoiceMode.NONE: "NONE",
-                    ToolChoiceMode.REQUIRED: "ANY", ToolChoiceMode.FUNCTION: "ANY"}[choice.mode]}
+                calling: dict[str, Any] = {
+                    "mode": {
+                        ToolChoiceMode.AUTO: "AUTO",
+                        ToolChoiceMode.NONE: "NONE",
+                        ToolChoiceMode.REQUIRED: "ANY",
+                        ToolChoiceMode.FUNCTION: "ANY",
+                    }[choice.mode]
+                }
                 if choice.mode is ToolChoiceMode.FUNCTION:
                     calling["allowedFunctionNames"] = [choice.function]
                 body["toolConfig"] = {"functionCallingConfig": calling}
@@ -203,12 +248,20 @@ class GeminiBackend(HostedBackend):
             kind_of = str(detail.get("@type") or "")
             if kind_of.endswith("RetryInfo"):
                 retry = _duration_s(detail.get("retryDelay"))
-            elif kind_of.endswith("ErrorInfo") and detail.get("reason") in ("API_KEY_INVALID", "API_KEY_EXPIRED"):
+            elif kind_of.endswith("ErrorInfo") and detail.get("reason") in (
+                "API_KEY_INVALID",
+                "API_KEY_EXPIRED",
+            ):
                 kind = "auth"
         if status == 200 and not kind:
             kind = "overloaded"
-        return UpstreamError(status=status or _int(error.get("code")), message=str(error.get("message") or ""),
-                             type=status_name.lower(), retry_after_s=retry, kind=kind)
+        return UpstreamError(
+            status=status or _int(error.get("code")),
+            message=str(error.get("message") or ""),
+            type=status_name.lower(),
+            retry_after_s=retry,
+            kind=kind,
+        )
 
 
 class _StreamDecoder:
@@ -225,7 +278,9 @@ class _StreamDecoder:
     def feed(self, event: SSEEvent) -> list[Chunk]:
         data = orjson.loads(event.data)
         if isinstance(data, dict) and data.get("error"):
-            raise self._backend.failure(self._backend._error_from(200, data["error"]), self._model_id)
+            raise self._backend.failure(
+                self._backend._error_from(200, data["error"]), self._model_id
+            )
         return self.take(data)
 
     def take(self, data: dict[str, Any]) -> list[Chunk]:
@@ -237,9 +292,15 @@ class _StreamDecoder:
         if not candidates:
             block = (data.get("promptFeedback") or {}).get("blockReason")
             if block:
-                raise self._backend.failure(UpstreamError(
-                    status=200, message=f"the prompt was blocked ({block})", type=str(block).lower(),
-                    kind="content_filter"), self._model_id)
+                raise self._backend.failure(
+                    UpstreamError(
+                        status=200,
+                        message=f"the prompt was blocked ({block})",
+                        type=str(block).lower(),
+                        kind="content_filter",
+                    ),
+                    self._model_id,
+                )
             return []
         candidate = candidates[0]
         out: list[Chunk] = []
@@ -252,9 +313,14 @@ class _StreamDecoder:
             if call:
                 index = self._calls
                 self._calls += 1
-                out.append(ToolCallChunk(index, id=call.get("id") or self._backend.new_call_id(),
-                                         name=call.get("name") or "",
-                                         arguments=orjson.dumps(call.get("args") or {}).decode()))
+                out.append(
+                    ToolCallChunk(
+                        index,
+                        id=call.get("id") or self._backend.new_call_id(),
+                        name=call.get("name") or "",
+                        arguments=orjson.dumps(call.get("args") or {}).decode(),
+                    )
+                )
         if candidate.get("finishReason"):
             self._reason = candidate["finishReason"]
         return out
@@ -262,8 +328,9 @@ class _StreamDecoder:
     def finish(self) -> list[Chunk]:
         reason = self._reason
         if reason is None:
-            raise bad_response(self._backend.provider, self._model_id,
-                               "the stream ended without a finishReason")
+            raise bad_response(
+                self._backend.provider, self._model_id, "the stream ended without a finishReason"
+            )
         if reason in _BLOCKED:
             finish = FinishReason.CONTENT_FILTER
         elif reason == "MAX_TOKENS":
@@ -271,16 +338,27 @@ class _StreamDecoder:
         elif self._calls:
             finish = FinishReason.TOOL_CALLS  # Gemini ends function calls with STOP
         elif reason == "MALFORMED_FUNCTION_CALL":
-            raise bad_response(self._backend.provider, self._model_id, "the model produced a malformed function call")
+            raise bad_response(
+                self._backend.provider,
+                self._model_id,
+                "the model produced a malformed function call",
+            )
         else:
             finish = FinishReason.STOP
         usage = self._usage
         thoughts = _int(usage.get("thoughtsTokenCount"))
-        return [DoneChunk(finish, Usage(
-            prompt_tokens=_int(usage.get("promptTokenCount")),
-            completion_tokens=_int(usage.get("candidatesTokenCount")) + thoughts,
-            cached_prompt_tokens=_int(usage.get("cachedContentTokenCount")),
-            reasoning_tokens=thoughts), model_version=self._model)]
+        return [
+            DoneChunk(
+                finish,
+                Usage(
+                    prompt_tokens=_int(usage.get("promptTokenCount")),
+                    completion_tokens=_int(usage.get("candidatesTokenCount")) + thoughts,
+                    cached_prompt_tokens=_int(usage.get("cachedContentTokenCount")),
+                    reasoning_tokens=thoughts,
+                ),
+                model_version=self._model,
+            )
+        ]
 
 
 def _int(value: Any) -> int:
@@ -327,26 +405,45 @@ def _parts(message: ChatMessage, index: int, names: dict[str, str]) -> list[dict
         except orjson.JSONDecodeError:
             result = message.text()
         response = result if isinstance(result, dict) else {"result": result}
-        return [{"functionResponse": {"name": names.get(message.tool_call_id, message.name), "response": response}}]
+        return [
+            {
+                "functionResponse": {
+                    "name": names.get(message.tool_call_id, message.name),
+                    "response": response,
+                }
+            }
+        ]
     parts: list[dict[str, Any]] = []
     for j, part in enumerate(message.content_parts()):
         if isinstance(part, TextPart):
             if part.text:
                 parts.append({"text": part.text})
         else:
-            parts.append(_image(part, f"messages[{index}].parts[{j - (1 if message.content else 0)}].image"))
+            parts.append(
+                _image(part, f"messages[{index}].parts[{j - (1 if message.content else 0)}].image")
+            )
     for call in message.tool_calls:
-        parts.append({"functionCall": {"name": call.name, "args": orjson.loads(call.arguments or "{}")}})
+        parts.append(
+            {"functionCall": {"name": call.name, "args": orjson.loads(call.arguments or "{}")}}
+        )
     return parts
 
 
 def _image(part: ImagePart, field: str) -> dict[str, Any]:
     if part.data:
-        return {"inlineData": {"mimeType": part.mime_type, "data": base64.b64encode(part.data).decode()}}
+        return {
+            "inlineData": {"mimeType": part.mime_type, "data": base64.b64encode(part.data).decode()}
+        }
     mime = part.mime_type or (mimetypes.guess_type(part.url.split("?", 1)[0])[0] or "")
     if not mime.startswith("image/"):
-        raise InvalidArgument([FieldViolation(
-            f"{field}.mime_type", "Gemini needs the media type of an image URL: set mime_type")])
+        raise InvalidArgument(
+            [
+                FieldViolation(
+                    f"{field}.mime_type",
+                    "Gemini needs the media type of an image URL: set mime_type",
+                )
+            ]
+        )
     return {"fileData": {"mimeType": mime, "fileUri": part.url}}
 
 

@@ -49,32 +49,124 @@ _FINISH = {
 }
 
 # Listed ids that are not chat models (OpenAI lists embeddings, audio and image models too).
-_NOT_CHAT = ("embedding", "embed", "tts", "whisper", "dall-e", "moderation", "davinci", "babbage",
-             "transcribe", "realtime", "audio", "image", "sora", "search", "rerank")
+_NOT_CHAT = (
+    "embedding",
+    "embed",
+    "tts",
+    "whisper",
+    "dall-e",
+    "moderation",
+    "davinci",
+    "babbage",
+    "transcribe",
+    "realtime",
+    "audio",
+    "image",
+    "sora",
+    "search",
+    "rerank",
+)
 
 # What OpenAI's own model families take; first matching prefix wins.
 _REASONING = ("max_tokens", "seed")
 _OPENAI_MODELS: tuple[tuple[str, Capabilities, int, tuple[str, ...] | None], ...] = (
-    ("gpt-5-chat", Capabilities(tools=True, vision=True, json_object=True, json_schema=True, max_output_tokens=16384), 128000, None),
-    ("gpt-5", Capabilities(tools=True, vision=True, json_object=True, json_schema=True, max_output_tokens=128000), 400000, _REASONING),
-    ("gpt-4.1", Capabilities(tools=True, vision=True, json_object=True, json_schema=True, max_output_tokens=32768), 1047576, None),
-    ("gpt-4o", Capabilities(tools=True, vision=True, json_object=True, json_schema=True, max_output_tokens=16384), 128000, None),
-    ("gpt-4-turbo", Capabilities(tools=True, vision=True, json_object=True, max_output_tokens=4096), 128000, None),
+    (
+        "gpt-5-chat",
+        Capabilities(
+            tools=True, vision=True, json_object=True, json_schema=True, max_output_tokens=16384
+        ),
+        128000,
+        None,
+    ),
+    (
+        "gpt-5",
+        Capabilities(
+            tools=True, vision=True, json_object=True, json_schema=True, max_output_tokens=128000
+        ),
+        400000,
+        _REASONING,
+    ),
+    (
+        "gpt-4.1",
+        Capabilities(
+            tools=True, vision=True, json_object=True, json_schema=True, max_output_tokens=32768
+        ),
+        1047576,
+        None,
+    ),
+    (
+        "gpt-4o",
+        Capabilities(
+            tools=True, vision=True, json_object=True, json_schema=True, max_output_tokens=16384
+        ),
+        128000,
+        None,
+    ),
+    (
+        "gpt-4-turbo",
+        Capabilities(tools=True, vision=True, json_object=True, max_output_tokens=4096),
+        128000,
+        None,
+    ),
     ("gpt-4", Capabilities(tools=True, max_output_tokens=8192), 8192, None),
-    ("gpt-3.5-turbo", Capabilities(tools=True, json_object=True, max_output_tokens=4096), 16385, None),
+    (
+        "gpt-3.5-turbo",
+        Capabilities(tools=True, json_object=True, max_output_tokens=4096),
+        16385,
+        None,
+    ),
     ("o1-mini", Capabilities(max_output_tokens=65536), 128000, _REASONING),
-    ("o1", Capabilities(tools=True, vision=True, json_object=True, json_schema=True, max_output_tokens=100000), 200000, _REASONING),
-    ("o3", Capabilities(tools=True, vision=True, json_object=True, json_schema=True, max_output_tokens=100000), 200000, _REASONING),
-    ("o4", Capabilities(tools=True, vision=True, json_object=True, json_schema=True, max_output_tokens=100000), 200000, _REASONING),
+    (
+        "o1",
+        Capabilities(
+            tools=True, vision=True, json_object=True, json_schema=True, max_output_tokens=100000
+        ),
+        200000,
+        _REASONING,
+    ),
+    (
+        "o3",
+        Capabilities(
+            tools=True, vision=True, json_object=True, json_schema=True, max_output_tokens=100000
+        ),
+        200000,
+        _REASONING,
+    ),
+    (
+        "o4",
+        Capabilities(
+            tools=True, vision=True, json_object=True, json_schema=True, max_output_tokens=100000
+        ),
+        200000,
+        _REASONING,
+    ),
 )
 
 # The typed request fields' keys: provider_options may not set them.
-_RESERVED = frozenset({
-    "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
-    "temperature", "top_p", "top_k", "seed", "random_seed", "stop", "presence_penalty",
-    "frequency_penalty", "repetition_penalty", "repeat_penalty", "tools", "tool_choice",
-    "response_format", "n",
-})
+_RESERVED = frozenset(
+    {
+        "model",
+        "messages",
+        "stream",
+        "stream_options",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "random_seed",
+        "stop",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "repeat_penalty",
+        "tools",
+        "tool_choice",
+        "response_format",
+        "n",
+    }
+)
 
 
 class OpenAIBackend(HostedBackend):
@@ -87,16 +179,26 @@ class OpenAIBackend(HostedBackend):
         self.preset: Preset = PRESETS[name]
         preset = self.preset
         self.max_tokens_field = config.max_tokens_field or preset.max_tokens_field
-        self.stream_usage = preset.stream_usage if config.stream_usage is None else config.stream_usage
-        self.supported = tuple(config.supported_parameters if config.supported_parameters is not None
-                               else preset.supported_parameters)
+        self.stream_usage = (
+            preset.stream_usage if config.stream_usage is None else config.stream_usage
+        )
+        self.supported = tuple(
+            config.supported_parameters
+            if config.supported_parameters is not None
+            else preset.supported_parameters
+        )
         self.default_caps = config.default_capabilities.apply(preset.default_capabilities)
         self.is_openai = preset.name == "openai"
         requires_key = preset.requires_key if config.requires_key is None else config.requires_key
         if config.api_key is not None or config.api_key_env is not None:
             requires_key = True if config.requires_key is None else config.requires_key
-        super().__init__(provider, config, base_url=preset.base_url, key_env=preset.api_key_env,
-                         requires_key=requires_key)
+        super().__init__(
+            provider,
+            config,
+            base_url=preset.base_url,
+            key_env=preset.api_key_env,
+            requires_key=requires_key,
+        )
 
     # ---- models --------------------------------------------------------------------------
 
@@ -131,17 +233,29 @@ class OpenAIBackend(HostedBackend):
         models = []
         for entry in entries or ():
             name = entry.get("id") if isinstance(entry, dict) else None
-            if not isinstance(name, str) or not name or any(word in name.lower() for word in _NOT_CHAT):
+            if (
+                not isinstance(name, str)
+                or not name
+                or any(word in name.lower() for word in _NOT_CHAT)
+            ):
                 continue
-            context = entry.get("context_length") or entry.get("max_model_len") or 0  # OpenRouter, vLLM
-            models.append(self.model_info(
-                name, context_length=context if isinstance(context, int) else 0,
-                description=str(entry.get("name") or entry.get("description") or "")[:200]))
+            context = (
+                entry.get("context_length") or entry.get("max_model_len") or 0
+            )  # OpenRouter, vLLM
+            models.append(
+                self.model_info(
+                    name,
+                    context_length=context if isinstance(context, int) else 0,
+                    description=str(entry.get("name") or entry.get("description") or "")[:200],
+                )
+            )
         return models
 
     # ---- requests ------------------------------------------------------------------------
 
-    def build_request(self, request: GenerationRequest, model: ModelInfo, stream: bool) -> tuple[str, dict[str, Any]]:
+    def build_request(
+        self, request: GenerationRequest, model: ModelInfo, stream: bool
+    ) -> tuple[str, dict[str, Any]]:
         self._check_preset_limits(request, model)
         body: dict[str, Any] = {"model": model.name, "messages": self._messages(request)}
         if stream:
@@ -153,8 +267,15 @@ class OpenAIBackend(HostedBackend):
         if max_tokens is not None:
             body[self.max_tokens_field] = max_tokens
         names = self.preset.parameter_names
-        for short in ("temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty",
-                      "repetition_penalty"):
+        for short in (
+            "temperature",
+            "top_p",
+            "top_k",
+            "seed",
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+        ):
             value = getattr(text, short)
             if value is not None:
                 body[names.get(short, short)] = value
@@ -166,13 +287,19 @@ class OpenAIBackend(HostedBackend):
             if choice is not None:
                 body["tool_choice"] = (
                     {"type": "function", "function": {"name": choice.function}}
-                    if choice.mode is ToolChoiceMode.FUNCTION else choice.mode.value)
+                    if choice.mode is ToolChoiceMode.FUNCTION
+                    else choice.mode.value
+                )
         fmt = text.response_format
         if fmt is not None:
             if fmt.type is ResponseFormatType.JSON_OBJECT:
                 body["response_format"] = {"type": "json_object"}
             elif fmt.type is ResponseFormatType.JSON_SCHEMA:
-                schema: dict[str, Any] = {"name": fmt.name, "schema": fmt.schema or {}, "strict": fmt.strict}
+                schema: dict[str, Any] = {
+                    "name": fmt.name,
+                    "schema": fmt.schema or {},
+                    "strict": fmt.strict,
+                }
                 if fmt.description:
                     schema["description"] = fmt.description
                 body["response_format"] = {"type": "json_schema", "json_schema": schema}
@@ -191,16 +318,27 @@ class OpenAIBackend(HostedBackend):
         """Rejects what this endpoint would silently ignore (see Preset)."""
         violations = []
         choice = request.tool_choice
-        if choice is not None and choice.mode is not ToolChoiceMode.AUTO and not self.preset.tool_choice:
-            violations.append(FieldViolation(
-                "tool_choice", f"{self.preset.title} ignores tool_choice, so {model.id!r} cannot honour it"))
+        if (
+            choice is not None
+            and choice.mode is not ToolChoiceMode.AUTO
+            and not self.preset.tool_choice
+        ):
+            violations.append(
+                FieldViolation(
+                    "tool_choice",
+                    f"{self.preset.title} ignores tool_choice, so {model.id!r} cannot honour it",
+                )
+            )
         if not self.preset.image_urls:
             for i, message in enumerate(request.messages):
                 for j, part in enumerate(message.parts):
                     if isinstance(part, ImagePart) and part.url:
-                        violations.append(FieldViolation(
-                            f"messages[{i}].parts[{j}].image.url",
-                            f"{self.preset.title} takes inline images only: send the bytes (data)"))
+                        violations.append(
+                            FieldViolation(
+                                f"messages[{i}].parts[{j}].image.url",
+                                f"{self.preset.title} takes inline images only: send the bytes (data)",
+                            )
+                        )
         if violations:
             raise InvalidArgument(violations)
 
@@ -208,7 +346,9 @@ class OpenAIBackend(HostedBackend):
 
     def decode_response(self, body: Any, request: GenerationRequest) -> list[Chunk]:
         if isinstance(body, dict) and body.get("error"):
-            raise self.failure(self._error_from(200, body["error"], ""), f"{self.provider}/{request.model}")
+            raise self.failure(
+                self._error_from(200, body["error"], ""), f"{self.provider}/{request.model}"
+            )
         choice = body["choices"][0]
         message = choice.get("message") or {}
         chunks: list[Chunk] = []
@@ -219,12 +359,22 @@ class OpenAIBackend(HostedBackend):
         calls = message.get("tool_calls") or ()
         for index, call in enumerate(calls):
             fn = call.get("function") or {}
-            chunks.append(ToolCallChunk(index, id=call.get("id") or f"call_{index}",
-                                        name=fn.get("name") or "", arguments=fn.get("arguments") or ""))
+            chunks.append(
+                ToolCallChunk(
+                    index,
+                    id=call.get("id") or f"call_{index}",
+                    name=fn.get("name") or "",
+                    arguments=fn.get("arguments") or "",
+                )
+            )
         finish = _finish(choice.get("finish_reason"), bool(calls), bool(refusal))
         if finish is None:
-            raise bad_response(self.provider, f"{self.provider}/{request.model}", "no finish_reason")
-        chunks.append(DoneChunk(finish, _usage(body.get("usage")), model_version=body.get("model") or ""))
+            raise bad_response(
+                self.provider, f"{self.provider}/{request.model}", "no finish_reason"
+            )
+        chunks.append(
+            DoneChunk(finish, _usage(body.get("usage")), model_version=body.get("model") or "")
+        )
         return chunks
 
     def stream_decoder(self, request: GenerationRequest) -> _StreamDecoder:
@@ -240,7 +390,11 @@ class OpenAIBackend(HostedBackend):
             error = {"message": error}
         if not isinstance(error, dict):
             message = data.get("message") or data.get("detail") if isinstance(data, dict) else ""
-            error = {"message": message if isinstance(message, str) else body[:200].decode("utf-8", "replace")}
+            error = {
+                "message": message
+                if isinstance(message, str)
+                else body[:200].decode("utf-8", "replace")
+            }
         return self._error_from(status, error, headers.get("x-request-id", ""))
 
     def _error_from(self, status: int, error: dict[str, Any], request_id: str) -> UpstreamError:
@@ -254,11 +408,21 @@ class OpenAIBackend(HostedBackend):
         elif code == "insufficient_quota" or kind_ == "insufficient_quota":
             kind = "quota"
         elif status == 200:  # an error chunk inside a stream: classify by its type
-            kind = {"rate_limit_exceeded": "rate_limit", "requests": "rate_limit", "tokens": "rate_limit",
-                    "invalid_request_error": "", "server_error": "overloaded"}.get(code or kind_, "overloaded")
+            kind = {
+                "rate_limit_exceeded": "rate_limit",
+                "requests": "rate_limit",
+                "tokens": "rate_limit",
+                "invalid_request_error": "",
+                "server_error": "overloaded",
+            }.get(code or kind_, "overloaded")
         return UpstreamError(
-            status=status, message=str(error.get("message") or ""), type=code or kind_,
-            param=str(error.get("param") or ""), request_id=request_id, kind=kind)
+            status=status,
+            message=str(error.get("message") or ""),
+            type=code or kind_,
+            param=str(error.get("param") or ""),
+            request_id=request_id,
+            kind=kind,
+        )
 
 
 class _StreamDecoder:
@@ -280,7 +444,9 @@ class _StreamDecoder:
             return []
         obj = orjson.loads(data)
         if obj.get("error"):
-            raise self._backend.failure(self._backend._error_from(200, obj["error"], ""), self._model_id)
+            raise self._backend.failure(
+                self._backend._error_from(200, obj["error"], ""), self._model_id
+            )
         if obj.get("model"):
             self._model = obj["model"]
         if obj.get("usage"):
@@ -302,11 +468,14 @@ class _StreamDecoder:
                 fn = call.get("function") or {}
                 first = index not in self._calls
                 self._calls.add(index)
-                out.append(ToolCallChunk(
-                    index,
-                    id=call.get("id") or (f"call_{index}" if first else ""),
-                    name=fn.get("name") or "",
-                    arguments=fn.get("arguments") or ""))
+                out.append(
+                    ToolCallChunk(
+                        index,
+                        id=call.get("id") or (f"call_{index}" if first else ""),
+                        name=fn.get("name") or "",
+                        arguments=fn.get("arguments") or "",
+                    )
+                )
             if choice.get("finish_reason"):
                 self._finish = choice["finish_reason"]
         return out
@@ -317,13 +486,18 @@ class _StreamDecoder:
         self._done = True
         finish = _finish(self._finish, bool(self._calls), self._refusal)
         if finish is None:
-            raise bad_response(self._backend.provider, self._model_id, "the stream ended without a finish_reason")
+            raise bad_response(
+                self._backend.provider, self._model_id, "the stream ended without a finish_reason"
+            )
         return [DoneChunk(finish, _usage(self._usage), model_version=self._model)]
 
     def finish(self) -> list[Chunk]:
         if not self._done:
-            raise bad_response(self._backend.provider, self._model_id,
-                               "the stream ended without its end marker ([DONE])")
+            raise bad_response(
+                self._backend.provider,
+                self._model_id,
+                "the stream ended without its end marker ([DONE])",
+            )
         return []
 
 
@@ -355,7 +529,9 @@ def _tool(tool: Any) -> dict[str, Any]:
     function: dict[str, Any] = {"name": tool.name}
     if tool.description:
         function["description"] = tool.description
-    function["parameters"] = tool.parameters if tool.parameters is not None else {"type": "object", "properties": {}}
+    function["parameters"] = (
+        tool.parameters if tool.parameters is not None else {"type": "object", "properties": {}}
+    )
     if tool.strict:
         function["strict"] = True
     return {"type": "function", "function": function}
@@ -396,4 +572,3 @@ def _part(part: TextPart | ImagePart) -> dict[str, Any]:
 
 def build(provider: str, section: OpenAIConfig) -> OpenAIBackend:
     return OpenAIBackend(provider, section)
-

@@ -36,9 +36,11 @@ def _build(provider: str, section: LocalConfig) -> Backend:
     )
 
 
-LOCAL_KIND = plugins.register(plugins.BackendKind(
-    name=LOCAL_PROVIDER,
-    config_model=LocalConfig,
-    factory=_build,
-    description="models run by Pluggably itself (transformers on CPU or GPU)",
-))
+LOCAL_KIND = plugins.register(
+    plugins.BackendKind(
+        name=LOCAL_PROVIDER,
+        config_model=LocalConfig,
+        factory=_build,
+        description="models run by Pluggably itself (transformers on CPU or GPU)",
+    )
+)

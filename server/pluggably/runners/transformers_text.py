@@ -296,7 +296,8 @@ class TransformersTextBackend(Backend):
         if slot is not None:
             if slot.sampling_defaults is None:  # read once: the dataplane asks on every request
                 slot.sampling_defaults = _sampling_defaults(
-                    _read_json(slot.cfg.path / "generation_config.json"))
+                    _read_json(slot.cfg.path / "generation_config.json")
+                )
             defaults["max_tokens"] = slot.cfg.default_max_tokens
             defaults.update(slot.sampling_defaults)
         return parameters_for(Modality.TEXT, supported=SUPPORTED_TEXT_PARAMS, **defaults)

@@ -27,7 +27,9 @@ def build(provider: str, **kwargs: object) -> StandIn:
 async def _serve(args: argparse.Namespace) -> None:
     standin = build(args.provider, api_key=args.api_key, chunk_delay_s=args.chunk_delay_ms / 1000)
     if args.words:
-        standin.default_reply = Reply(text=" ".join(f"w{i}" for i in range(args.words)), chunks=args.words)
+        standin.default_reply = Reply(
+            text=" ".join(f"w{i}" for i in range(args.words)), chunks=args.words
+        )
     standin.record = not args.no_record
     await standin.start(args.port)
     print(f"listening on {standin.port}", flush=True)
@@ -45,8 +47,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--api-key", default="test-key")
     parser.add_argument("--chunk-delay-ms", type=float, default=0.0)
-    parser.add_argument("--words", type=int, default=0, help="default reply: this many words, one per chunk")
-    parser.add_argument("--no-record", action="store_true", help="keep no request log (long bench runs)")
+    parser.add_argument(
+        "--words", type=int, default=0, help="default reply: this many words, one per chunk"
+    )
+    parser.add_argument(
+        "--no-record", action="store_true", help="keep no request log (long bench runs)"
+    )
     args = parser.parse_args()
     try:
         import uvloop  # type: ignore[import-not-found]

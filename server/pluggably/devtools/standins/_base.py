@@ -162,21 +162,28 @@ def sample_from_schema(schema: Any, root: Any = None, depth: int = 0) -> Any:
     for combinator in ("anyOf", "any_of", "oneOf", "allOf"):
         options = schema.get(combinator)
         if isinstance(options, list) and options:
-            usable = [o for o in options
-                      if not (isinstance(o, dict) and str(o.get("type", "")).lower() == "null")]
+            usable = [
+                o
+                for o in options
+                if not (isinstance(o, dict) and str(o.get("type", "")).lower() == "null")
+            ]
             return sample_from_schema((usable or options)[0], root, depth + 1)
     kind = schema.get("type")
     if isinstance(kind, list):
         kind = next((k for k in kind if str(k).lower() != "null"), "null")
-    kind = str(kind).lower() if kind is not None else (
-        "object" if "properties" in schema else "array" if "items" in schema else "string")
+    kind = (
+        str(kind).lower()
+        if kind is not None
+        else ("object" if "properties" in schema else "array" if "items" in schema else "string")
+    )
     if kind == "object":
         properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
         names = list(properties)
         names += [n for n in schema.get("required", ()) if isinstance(n, str) and n not in names]
         return {n: sample_from_schema(properties.get(n, {}), root, depth + 1) for n in names}
     return {"array": [], "integer": 1, "number": 1, "boolean": True, "null": None}.get(
-        kind, "stand-in")
+        kind, "stand-in"
+    )
 
 
 def _resolve_ref(root: Any, ref: str) -> Any:
@@ -186,7 +193,11 @@ def _resolve_ref(root: Any, ref: str) -> Any:
     node = root
     for part in ref[1:].strip("/").split("/"):
         if part:
-            node = node.get(part.replace("~1", "/").replace("~0", "~")) if isinstance(node, dict) else None
+            node = (
+                node.get(part.replace("~1", "/").replace("~0", "~"))
+                if isinstance(node, dict)
+                else None
+            )
     return node if isinstance(node, dict) else {}
 
 
@@ -235,7 +246,9 @@ class SSEWriter:
     async def _write(self, data: bytes) -> None:
         await self.response.write(data)
 
-    def frame(self, data: bytes | str, event: str | None = None, *, split_json: bool = False) -> bytes:
+    def frame(
+        self, data: bytes | str, event: str | None = None, *, split_json: bool = False
+    ) -> bytes:
         if isinstance(data, str):
             data = data.encode()
         nl = self.newline
@@ -283,7 +296,7 @@ class SSEWriter:
             raise EndStream
         elif fault.kind == "malformed_chunk":
             self.fault = None
-            await self._write(b"data: {\"truncated\": tr" + self.newline + self.newline)
+            await self._write(b'data: {"truncated": tr' + self.newline + self.newline)
         elif fault.kind == "stream_error":
             if self._error_event is None:
                 raise RuntimeError("this stand-in has no in-stream error event")
@@ -332,7 +345,11 @@ class StandIn(abc.ABC):
 
     @abc.abstractmethod
     def error_response(
-        self, status: int, message: str, *, error_type: str | None = None,
+        self,
+        status: int,
+        message: str,
+        *,
+        error_type: str | None = None,
         retry_after: float | None = None,
     ) -> web.Response:
         """An error in the provider's own body format (and retry hint)."""
@@ -409,11 +426,17 @@ class StandIn(abc.ABC):
             with contextlib.suppress(orjson.JSONDecodeError):
                 body = orjson.loads(raw)
         if self.record:
-            self.requests.append(RecordedRequest(
-                method=request.method, path=request.path, query=dict(request.query),
-                headers={k.lower(): v for k, v in request.headers.items()}, body=body, raw=raw,
-                at=time.monotonic(),
-            ))
+            self.requests.append(
+                RecordedRequest(
+                    method=request.method,
+                    path=request.path,
+                    query=dict(request.query),
+                    headers={k.lower(): v for k, v in request.headers.items()},
+                    body=body,
+                    raw=raw,
+                    at=time.monotonic(),
+                )
+            )
         request[JSON_BODY] = body
         if request.transport is not None:
             self.connections.add(id(request.transport))
@@ -424,8 +447,11 @@ class StandIn(abc.ABC):
             if fault is not None:
                 if fault.kind == "status":
                     return self.error_response(
-                        fault.status, fault.message or _DEFAULT_MESSAGES.get(fault.status, "error"),
-                        error_type=fault.error_type, retry_after=fault.retry_after)
+                        fault.status,
+                        fault.message or _DEFAULT_MESSAGES.get(fault.status, "error"),
+                        error_type=fault.error_type,
+                        retry_after=fault.retry_after,
+                    )
                 if fault.kind == "reset":
                     if request.transport is not None:
                         request.transport.abort()
@@ -452,23 +478,32 @@ class StandIn(abc.ABC):
         return None
 
     async def open_stream(
-        self, request: web.Request, *, crlf: bool = False,
+        self,
+        request: web.Request,
+        *,
+        crlf: bool = False,
         error_event: Callable[[Fault], bytes] | None = None,
         headers: dict[str, str] | None = None,
     ) -> SSEWriter:
         """Starts a `text/event-stream` response and returns its writer."""
-        response = web.StreamResponse(status=200, headers={
-            "Content-Type": "text/event-stream; charset=utf-8",
-            "Cache-Control": "no-cache",
-            **(headers or {}),
-        })
+        response = web.StreamResponse(
+            status=200,
+            headers={
+                "Content-Type": "text/event-stream; charset=utf-8",
+                "Cache-Control": "no-cache",
+                **(headers or {}),
+            },
+        )
         request[RESPONSE] = response
         await response.prepare(request)
         return SSEWriter(self, request, response, crlf=crlf, error_event=error_event)
 
-    def json_response(self, data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-        return web.Response(body=orjson.dumps(data), status=status,
-                            content_type="application/json", headers=headers)
+    def json_response(
+        self, data: Any, status: int = 200, headers: dict[str, str] | None = None
+    ) -> web.Response:
+        return web.Response(
+            body=orjson.dumps(data), status=status, content_type="application/json", headers=headers
+        )
 
     # ---- control endpoints (for a stand-in in another process) ---------------------------
 
@@ -493,10 +528,14 @@ class StandIn(abc.ABC):
             return web.json_response({})
 
         async def stats(request: web.Request) -> web.Response:
-            return web.json_response({
-                "requests": len(self.requests), "disconnects": self.disconnects,
-                "active": self.active, "connections": len(self.connections),
-            })
+            return web.json_response(
+                {
+                    "requests": len(self.requests),
+                    "disconnects": self.disconnects,
+                    "active": self.active,
+                    "connections": len(self.connections),
+                }
+            )
 
         async def recording(request: web.Request) -> web.Response:
             self.record = (await request.json()).get("record", True)

@@ -55,30 +55,66 @@ ANTHROPIC_VERSIONS = frozenset({"2023-01-01", "2023-06-01", "2026-10-21"})
 """`anthropic-version` values accepted: the documented ones and the one SDK 2.14 sends."""
 
 DEFAULT_MODELS: tuple[dict[str, Any], ...] = (
-    {"id": "claude-sonnet-4-6", "display_name": "Claude Sonnet 4.6",
-     "created_at": "2026-02-17T00:00:00Z", "context_window": 200_000,
-     "max_output_tokens": 64_000},
-    {"id": "claude-opus-4-6", "display_name": "Claude Opus 4.6",
-     "created_at": "2026-02-05T00:00:00Z", "context_window": 200_000,
-     "max_output_tokens": 128_000},
-    {"id": "claude-haiku-4-5-20251001", "display_name": "Claude Haiku 4.5",
-     "created_at": "2025-10-01T00:00:00Z", "context_window": 200_000,
-     "max_output_tokens": 64_000, "aliases": ["claude-haiku-4-5"]},
+    {
+        "id": "claude-sonnet-4-6",
+        "display_name": "Claude Sonnet 4.6",
+        "created_at": "2026-02-17T00:00:00Z",
+        "context_window": 200_000,
+        "max_output_tokens": 64_000,
+    },
+    {
+        "id": "claude-opus-4-6",
+        "display_name": "Claude Opus 4.6",
+        "created_at": "2026-02-05T00:00:00Z",
+        "context_window": 200_000,
+        "max_output_tokens": 128_000,
+    },
+    {
+        "id": "claude-haiku-4-5-20251001",
+        "display_name": "Claude Haiku 4.5",
+        "created_at": "2025-10-01T00:00:00Z",
+        "context_window": 200_000,
+        "max_output_tokens": 64_000,
+        "aliases": ["claude-haiku-4-5"],
+    },
     # Deprecated but still callable (lifecycle is not a reason to hide a model).
-    {"id": "claude-sonnet-4-5-20250929", "display_name": "Claude Sonnet 4.5",
-     "created_at": "2025-09-29T00:00:00Z", "context_window": 200_000,
-     "max_output_tokens": 64_000, "aliases": ["claude-sonnet-4-5"], "lifecycle": "deprecated"},
+    {
+        "id": "claude-sonnet-4-5-20250929",
+        "display_name": "Claude Sonnet 4.5",
+        "created_at": "2025-09-29T00:00:00Z",
+        "context_window": 200_000,
+        "max_output_tokens": 64_000,
+        "aliases": ["claude-sonnet-4-5"],
+        "lifecycle": "deprecated",
+    },
     # A tiny window so tests can provoke the context-length errors with a few words.
-    {"id": "claude-standin-tiny", "display_name": "Stand-in Tiny (64-token window)",
-     "created_at": "2024-01-01T00:00:00Z", "context_window": 64, "max_output_tokens": 32},
+    {
+        "id": "claude-standin-tiny",
+        "display_name": "Stand-in Tiny (64-token window)",
+        "created_at": "2024-01-01T00:00:00Z",
+        "context_window": 64,
+        "max_output_tokens": 32,
+    },
     # A legacy Text Completions model: listed, but /v1/messages rejects it, so a gateway must
     # leave it out of its catalogue (the listing has no flag for it: go by the id).
-    {"id": "claude-instant-1.2", "display_name": "Claude Instant 1.2",
-     "created_at": "2023-08-09T00:00:00Z", "context_window": 100_000,
-     "max_output_tokens": 4_096, "lifecycle": "deprecated", "messages": False},
+    {
+        "id": "claude-instant-1.2",
+        "display_name": "Claude Instant 1.2",
+        "created_at": "2023-08-09T00:00:00Z",
+        "context_window": 100_000,
+        "max_output_tokens": 4_096,
+        "lifecycle": "deprecated",
+        "messages": False,
+    },
     # Retired: listed only when `lifecycle=retired` is asked for; requests naming it get 404.
-    {"id": "claude-2.1", "display_name": "Claude 2.1", "created_at": "2023-11-21T00:00:00Z",
-     "context_window": 200_000, "max_output_tokens": 4_096, "lifecycle": "retired"},
+    {
+        "id": "claude-2.1",
+        "display_name": "Claude 2.1",
+        "created_at": "2023-11-21T00:00:00Z",
+        "context_window": 200_000,
+        "max_output_tokens": 4_096,
+        "lifecycle": "retired",
+    },
 )
 """The default `AnthropicStandIn.models`. Keys: `id`, `display_name`, `created_at` (RFC 3339),
 `context_window`, `max_output_tokens`, optional `aliases` (request names that resolve to `id`),
@@ -104,15 +140,42 @@ _STREAM_ERROR_MESSAGES = {
     "rate_limit_error": "Rate limited",
 }
 
-_MESSAGES_FIELDS = frozenset({
-    "model", "messages", "max_tokens", "system", "metadata", "stop_sequences", "stream",
-    "temperature", "top_p", "top_k", "tools", "tool_choice", "thinking", "output_config",
-    "service_tier", "cache_control", "container", "diagnostics", "inference_geo", "speed",
-})
-_COUNT_TOKENS_FIELDS = frozenset({
-    "model", "messages", "system", "tools", "tool_choice", "thinking", "output_config",
-    "cache_control",
-})
+_MESSAGES_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "max_tokens",
+        "system",
+        "metadata",
+        "stop_sequences",
+        "stream",
+        "temperature",
+        "top_p",
+        "top_k",
+        "tools",
+        "tool_choice",
+        "thinking",
+        "output_config",
+        "service_tier",
+        "cache_control",
+        "container",
+        "diagnostics",
+        "inference_geo",
+        "speed",
+    }
+)
+_COUNT_TOKENS_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "system",
+        "tools",
+        "tool_choice",
+        "thinking",
+        "output_config",
+        "cache_control",
+    }
+)
 _MESSAGE_KEYS = frozenset({"role", "content"})
 _BLOCK_KEYS = {
     "text": frozenset({"type", "text", "cache_control", "citations"}),
@@ -122,8 +185,9 @@ _BLOCK_KEYS = {
     "thinking": frozenset({"type", "thinking", "signature"}),
     "redacted_thinking": frozenset({"type", "data"}),
 }
-_TOOL_KEYS = frozenset({"type", "name", "description", "input_schema", "cache_control", "strict",
-                        "input_examples"})
+_TOOL_KEYS = frozenset(
+    {"type", "name", "description", "input_schema", "cache_control", "strict", "input_examples"}
+)
 _TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
 _IMAGE_MEDIA_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
 _MAX_IMAGE_BYTES = 5 * 1024 * 1024
@@ -172,16 +236,12 @@ class _Outcome:
     stop_details: dict[str, Any] | None = field(default=None)
 
 
-
-
-
-
 def _json_fragments(text: str) -> list[str]:
     """Tool input as the real API streams it: an empty first fragment, then at least three
     pieces cut anywhere (mid-key, mid-string), so a client must buffer until the block stops."""
     count = max(3, math.ceil(len(text) / 12))
     size = max(1, math.ceil(len(text) / count))
-    return [""] + [text[i:i + size] for i in range(0, len(text), size)]
+    return [""] + [text[i : i + size] for i in range(0, len(text), size)]
 
 
 def _is_int(value: Any) -> bool:
@@ -208,12 +268,20 @@ class _AnthropicSSEWriter(SSEWriter):
 
     async def _before_event(self) -> None:
         fault = self.fault
-        if fault is not None and fault.kind == "malformed_chunk" and self.events == fault.after_chunks:
+        if (
+            fault is not None
+            and fault.kind == "malformed_chunk"
+            and self.events == fault.after_chunks
+        ):
             self.fault = None
             nl = self.newline
-            await self._write(b"event: content_block_delta" + nl
-                              + b'data: {"type": "content_block_delta", "index": 0, "delta": {"ty'
-                              + nl + nl)
+            await self._write(
+                b"event: content_block_delta"
+                + nl
+                + b'data: {"type": "content_block_delta", "index": 0, "delta": {"ty'
+                + nl
+                + nl
+            )
             return
         await super()._before_event()
 
@@ -228,8 +296,13 @@ class AnthropicStandIn(StandIn):
 
     provider = "anthropic"
 
-    def __init__(self, *, api_key: str | None = "test-key", chunk_delay_s: float = 0.0,
-                 models: Iterable[dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        api_key: str | None = "test-key",
+        chunk_delay_s: float = 0.0,
+        models: Iterable[dict[str, Any]] | None = None,
+    ) -> None:
         super().__init__(api_key=api_key, chunk_delay_s=chunk_delay_s)
         self.models: list[dict[str, Any]] = [dict(m) for m in (models or DEFAULT_MODELS)]
         self.versions: set[str] = set(ANTHROPIC_VERSIONS)
@@ -258,21 +331,32 @@ class AnthropicStandIn(StandIn):
             response.headers["request-id"] = self.new_id("req_")
 
     def error_response(
-        self, status: int, message: str, *, error_type: str | None = None,
+        self,
+        status: int,
+        message: str,
+        *,
+        error_type: str | None = None,
         retry_after: float | None = None,
     ) -> web.Response:
         """The real error body, with a `request-id` header matching its `request_id`."""
         request_id = self.new_id("req_")
         kind = error_type or _ERROR_TYPES.get(
-            status, "api_error" if status >= 500 else "invalid_request_error")
+            status, "api_error" if status >= 500 else "invalid_request_error"
+        )
         headers = {"request-id": request_id}
         if retry_after is not None:
-            headers["retry-after"] = (str(int(retry_after)) if float(retry_after).is_integer()
-                                      else str(retry_after))
+            headers["retry-after"] = (
+                str(int(retry_after)) if float(retry_after).is_integer() else str(retry_after)
+            )
         return self.json_response(
-            {"type": "error", "error": {"type": kind, "message": message},
-             "request_id": request_id},
-            status=status, headers=headers)
+            {
+                "type": "error",
+                "error": {"type": kind, "message": message},
+                "request_id": request_id,
+            },
+            status=status,
+            headers=headers,
+        )
 
     def stream_error_event(self, fault: Fault) -> bytes:
         """The in-stream `event: error` (HTTP status stays 200); `overloaded_error` by default."""
@@ -284,9 +368,13 @@ class AnthropicStandIn(StandIn):
     async def open_stream(self, request: web.Request, **kwargs: Any) -> SSEWriter:
         """The base stream, written by `_AnthropicSSEWriter` (see its docstring)."""
         writer = await super().open_stream(request, **kwargs)
-        return _AnthropicSSEWriter(self, request, writer.response,
-                                   crlf=writer.newline == b"\r\n",
-                                   error_event=kwargs.get("error_event"))
+        return _AnthropicSSEWriter(
+            self,
+            request,
+            writer.response,
+            crlf=writer.newline == b"\r\n",
+            error_event=kwargs.get("error_event"),
+        )
 
     # ---- checks every endpoint shares --------------------------------------------------
 
@@ -294,7 +382,9 @@ class AnthropicStandIn(StandIn):
         if self.api_key is not None:
             key = request.headers.get("x-api-key")
             authorization = request.headers.get("authorization", "")
-            bearer = authorization[7:].strip() if authorization.lower().startswith("bearer ") else None
+            bearer = (
+                authorization[7:].strip() if authorization.lower().startswith("bearer ") else None
+            )
             if key is None and bearer is None:
                 return self.error_response(401, "x-api-key header is required")
             if self.api_key not in (key, bearer):
@@ -303,7 +393,9 @@ class AnthropicStandIn(StandIn):
         if version is None:
             return self.error_response(400, "anthropic-version: header is required")
         if version not in self.versions:
-            return self.error_response(400, f'anthropic-version: "{version}" is not a valid version')
+            return self.error_response(
+                400, f'anthropic-version: "{version}" is not a valid version'
+            )
         return None
 
     def _find_model(self, name: Any) -> dict[str, Any]:
@@ -322,8 +414,11 @@ class AnthropicStandIn(StandIn):
     @staticmethod
     def _model_info(model: dict[str, Any]) -> dict[str, Any]:
         return {
-            "type": "model", "id": model["id"], "display_name": model["display_name"],
-            "created_at": model["created_at"], "lifecycle": model.get("lifecycle", "active"),
+            "type": "model",
+            "id": model["id"],
+            "display_name": model["display_name"],
+            "created_at": model["created_at"],
+            "lifecycle": model.get("lifecycle", "active"),
             "max_input_tokens": model["context_window"],
             "max_tokens": model["max_output_tokens"],
         }
@@ -338,18 +433,24 @@ class AnthropicStandIn(StandIn):
             return self.error_response(400, "limit: Input should be a valid integer")
         if not 1 <= limit <= 1000:
             return self.error_response(
-                400, f"limit: Input should be {'greater' if limit < 1 else 'less'} than or equal"
-                     f" to {1 if limit < 1 else 1000}")
+                400,
+                f"limit: Input should be {'greater' if limit < 1 else 'less'} than or equal"
+                f" to {1 if limit < 1 else 1000}",
+            )
         # The SDK sends arrays as `lifecycle[]=...`; plain repeated keys work too.
         wanted = query.getall("lifecycle[]", []) + query.getall("lifecycle", [])
         for stage in wanted:
             if stage not in ("active", "deprecated", "retired"):
                 return self.error_response(
-                    400, "lifecycle: Input should be 'active', 'deprecated' or 'retired'")
+                    400, "lifecycle: Input should be 'active', 'deprecated' or 'retired'"
+                )
         stages = set(wanted or ("active", "deprecated"))
         # Newest first, as the real listing orders them.
-        visible = sorted((m for m in self.models if m.get("lifecycle", "active") in stages),
-                         key=lambda m: m["created_at"], reverse=True)
+        visible = sorted(
+            (m for m in self.models if m.get("lifecycle", "active") in stages),
+            key=lambda m: m["created_at"],
+            reverse=True,
+        )
         ids = [m["id"] for m in visible]
         after, before = query.get("after_id"), query.get("before_id")
         if after and before:
@@ -359,21 +460,23 @@ class AnthropicStandIn(StandIn):
                 return self.error_response(400, f"{cursor_name}: unknown id {cursor}")
         if after:
             start = ids.index(after) + 1
-            page = visible[start:start + limit]
+            page = visible[start : start + limit]
             has_more = start + limit < len(visible)
         elif before:
             end = ids.index(before)
-            page = visible[max(0, end - limit):end]
+            page = visible[max(0, end - limit) : end]
             has_more = end - limit > 0
         else:
             page = visible[:limit]
             has_more = limit < len(visible)
-        return self.json_response({
-            "data": [self._model_info(m) for m in page],
-            "has_more": has_more,
-            "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None,
-        })
+        return self.json_response(
+            {
+                "data": [self._model_info(m) for m in page],
+                "has_more": has_more,
+                "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None,
+            }
+        )
 
     async def _get_model(self, request: web.Request) -> web.Response:
         if (denied := self._check_headers(request)) is not None:
@@ -392,8 +495,10 @@ class AnthropicStandIn(StandIn):
             raise _Rejection("Request exceeds the maximum allowed number of bytes.", 413)
         body = request[JSON_BODY]
         if not isinstance(body, dict):
-            raise _Rejection("There was an error parsing the body of your request. "
-                             "Please check that it is valid JSON.")
+            raise _Rejection(
+                "There was an error parsing the body of your request. "
+                "Please check that it is valid JSON."
+            )
         _extra_keys(body, _COUNT_TOKENS_FIELDS if count_only else _MESSAGES_FIELDS, "")
         required = ("model", "messages") if count_only else ("model", "max_tokens", "messages")
         for name in required:
@@ -409,7 +514,9 @@ class AnthropicStandIn(StandIn):
                 raise _Rejection("max_tokens: Input should be greater than or equal to 1")
         self._check_sampling(body)
         stop_sequences = body.get("stop_sequences") or []
-        if not isinstance(stop_sequences, list) or not all(isinstance(s, str) for s in stop_sequences):
+        if not isinstance(stop_sequences, list) or not all(
+            isinstance(s, str) for s in stop_sequences
+        ):
             raise _Rejection("stop_sequences: Input should be a valid list of strings")
         if any(not s.strip() for s in stop_sequences):
             raise _Rejection("stop_sequences: each stop sequence must contain non-whitespace")
@@ -433,25 +540,38 @@ class AnthropicStandIn(StandIn):
 
         model = self._find_model(body["model"])
         if model.get("messages", True) is False:
-            raise _Rejection(f"model: {model['id']} is a legacy Text Completions model and is "
-                             "not supported by the Messages API")
+            raise _Rejection(
+                f"model: {model['id']} is a legacy Text Completions model and is "
+                "not supported by the Messages API"
+            )
         input_tokens = sum(count_tokens(t) for t in texts) + _TOKENS_PER_IMAGE * images
         window = model["context_window"]
         if not count_only:
             if max_tokens > model["max_output_tokens"]:
                 raise _Rejection(
                     f"max_tokens: {max_tokens} > {model['max_output_tokens']}, which is the "
-                    f"maximum allowed number of output tokens for {model['id']}")
+                    f"maximum allowed number of output tokens for {model['id']}"
+                )
             if input_tokens > window:
                 raise _Rejection(f"prompt is too long: {input_tokens} tokens > {window} maximum")
             if input_tokens + max_tokens > window:
                 raise _Rejection(
                     f"input length and `max_tokens` exceed context limit: {input_tokens} + "
-                    f"{max_tokens} > {window}, decrease input length or `max_tokens` and try again")
+                    f"{max_tokens} > {window}, decrease input length or `max_tokens` and try again"
+                )
         return _MessagesRequest(
-            model=model, max_tokens=max_tokens, stream=stream, input_tokens=input_tokens,
-            user_texts=user_texts, images=images, tool_result_text=tool_result_text, tools=tools,
-            tool_choice=tool_choice, json_schema=json_schema, stop_sequences=stop_sequences)
+            model=model,
+            max_tokens=max_tokens,
+            stream=stream,
+            input_tokens=input_tokens,
+            user_texts=user_texts,
+            images=images,
+            tool_result_text=tool_result_text,
+            tools=tools,
+            tool_choice=tool_choice,
+            json_schema=json_schema,
+            stop_sequences=stop_sequences,
+        )
 
     @staticmethod
     def _check_sampling(body: dict[str, Any]) -> None:
@@ -510,9 +630,11 @@ class AnthropicStandIn(StandIn):
             _extra_keys(message, _MESSAGE_KEYS, f"{where}.")
             role = message.get("role")
             if role == "system":
-                raise _Rejection('messages: Unexpected role "system". The Messages API accepts a '
-                                 'top-level `system` parameter, not "system" as an input message '
-                                 "role.")
+                raise _Rejection(
+                    'messages: Unexpected role "system". The Messages API accepts a '
+                    'top-level `system` parameter, not "system" as an input message '
+                    "role."
+                )
             if role not in ("user", "assistant"):
                 raise _Rejection(f"{where}.role: Input should be 'user' or 'assistant'")
             if "content" not in message:
@@ -524,11 +646,14 @@ class AnthropicStandIn(StandIn):
             elif isinstance(content, list):
                 blocks = content
             else:
-                raise _Rejection(f"{where}.content: Input should be a valid string or a list "
-                                 "of content blocks")
+                raise _Rejection(
+                    f"{where}.content: Input should be a valid string or a list of content blocks"
+                )
             if not blocks and not final_assistant:
-                raise _Rejection(f"{where}: all messages must have non-empty content except for "
-                                 "the optional final assistant message")
+                raise _Rejection(
+                    f"{where}: all messages must have non-empty content except for "
+                    "the optional final assistant message"
+                )
             answered: set[str] = set()
             tool_uses: list[str] = []
             last_tool_result = None
@@ -541,14 +666,16 @@ class AnthropicStandIn(StandIn):
                     raise _Rejection(
                         f"{at}: Input tag '{kind}' found using 'type' does not match any of the "
                         "expected tags: 'text', 'image', 'tool_use', 'tool_result', 'thinking', "
-                        "'redacted_thinking'")
+                        "'redacted_thinking'"
+                    )
                 _extra_keys(block, _BLOCK_KEYS[kind], f"{at}.{kind}.")
                 if kind == "text":
                     text = self._check_text(block, at, final_assistant)
                     if final_assistant and j == len(blocks) - 1 and text != text.rstrip():
                         # A prefill the model continues from must not end in whitespace.
-                        raise _Rejection("messages: final assistant content cannot end with "
-                                         "trailing whitespace")
+                        raise _Rejection(
+                            "messages: final assistant content cannot end with trailing whitespace"
+                        )
                     texts.append(text)
                     if role == "user":
                         user_texts.append(text)
@@ -557,15 +684,17 @@ class AnthropicStandIn(StandIn):
                     images += 1
                 elif kind == "tool_use":
                     if role != "assistant":
-                        raise _Rejection(f"{at}: `tool_use` blocks are only allowed in "
-                                         "`assistant` messages")
+                        raise _Rejection(
+                            f"{at}: `tool_use` blocks are only allowed in `assistant` messages"
+                        )
                     self._check_tool_use(block, at)
                     tool_uses.append(block["id"])
                     texts.append(orjson.dumps(block["input"]).decode())
                 elif kind == "tool_result":
                     if role != "user":
-                        raise _Rejection(f"{at}: `tool_result` blocks are only allowed in `user` "
-                                         "messages")
+                        raise _Rejection(
+                            f"{at}: `tool_result` blocks are only allowed in `user` messages"
+                        )
                     tool_use_id = block.get("tool_use_id")
                     if not isinstance(tool_use_id, str):
                         raise _Rejection(f"{at}.tool_result.tool_use_id: Field required")
@@ -573,10 +702,12 @@ class AnthropicStandIn(StandIn):
                         raise _Rejection(
                             f"{at}: unexpected `tool_use_id` found in `tool_result` blocks: "
                             f"{tool_use_id}. Each `tool_result` block must have a corresponding "
-                            "`tool_use` block in the previous message.")
+                            "`tool_use` block in the previous message."
+                        )
                     if "is_error" in block and not isinstance(block["is_error"], bool):
-                        raise _Rejection(f"{at}.tool_result.is_error: Input should be a valid "
-                                         "boolean")
+                        raise _Rejection(
+                            f"{at}.tool_result.is_error: Input should be a valid boolean"
+                        )
                     answered.add(tool_use_id)
                     result_texts, result_images = self._tool_result_content(block, at)
                     texts.extend(result_texts)
@@ -589,13 +720,15 @@ class AnthropicStandIn(StandIn):
                         f"messages.{pending_from}: `tool_use` ids were found without "
                         f"`tool_result` blocks immediately after: {', '.join(missing)}. Each "
                         "`tool_use` block must have a corresponding `tool_result` block in the "
-                        "next message.")
+                        "next message."
+                    )
             pending_tool_uses, pending_from = tool_uses, i
         if pending_tool_uses:
             raise _Rejection(
                 f"messages.{pending_from}: `tool_use` ids were found without `tool_result` "
                 f"blocks immediately after: {', '.join(pending_tool_uses)}. Each `tool_use` "
-                "block must have a corresponding `tool_result` block in the next message.")
+                "block must have a corresponding `tool_result` block in the next message."
+            )
         ends_with_result = messages[-1].get("role") == "user" and last_tool_result is not None
         return images, user_texts, last_tool_result if ends_with_result else None
 
@@ -618,8 +751,10 @@ class AnthropicStandIn(StandIn):
             _extra_keys(source, ("type", "media_type", "data"), f"{at}.image.source.base64.")
             media_type = source.get("media_type")
             if media_type not in _IMAGE_MEDIA_TYPES:
-                raise _Rejection(f"{at}.image.source.base64.media_type: Input should be "
-                                 "'image/jpeg', 'image/png', 'image/gif' or 'image/webp'")
+                raise _Rejection(
+                    f"{at}.image.source.base64.media_type: Input should be "
+                    "'image/jpeg', 'image/png', 'image/gif' or 'image/webp'"
+                )
             data = source.get("data")
             if not isinstance(data, str):
                 raise _Rejection(f"{at}.image.source.base64.data: Field required")
@@ -628,23 +763,28 @@ class AnthropicStandIn(StandIn):
             except (binascii.Error, ValueError):
                 raise _Rejection(f"{at}.image.source.base64.data: invalid base64 data") from None
             if len(raw) > _MAX_IMAGE_BYTES:
-                raise _Rejection(f"{at}.image.source.base64.data: image exceeds 5 MB maximum: "
-                                 f"{len(raw)} bytes > {_MAX_IMAGE_BYTES} bytes")
+                raise _Rejection(
+                    f"{at}.image.source.base64.data: image exceeds 5 MB maximum: "
+                    f"{len(raw)} bytes > {_MAX_IMAGE_BYTES} bytes"
+                )
             actual = sniff_image(raw)
             if actual is None:
                 raise _Rejection("Could not process image")
             if actual != media_type:
                 raise _Rejection(
                     f"{at}.image.source.base64.data: The image was specified using the "
-                    f"{media_type} media type, but the image appears to be a {actual} image")
+                    f"{media_type} media type, but the image appears to be a {actual} image"
+                )
         elif kind == "url":
             _extra_keys(source, ("type", "url"), f"{at}.image.source.url.")
             url = source.get("url")
             if not isinstance(url, str) or not url.startswith(("https://", "http://")):
                 raise _Rejection(f"{at}.image.source.url.url: Input should be a valid URL")
         else:
-            raise _Rejection(f"{at}.image.source: Input tag '{kind}' found using 'type' does not "
-                             "match any of the expected tags: 'base64', 'url'")
+            raise _Rejection(
+                f"{at}.image.source: Input tag '{kind}' found using 'type' does not "
+                "match any of the expected tags: 'base64', 'url'"
+            )
 
     @staticmethod
     def _check_tool_use(block: dict[str, Any], at: str) -> None:
@@ -672,8 +812,10 @@ class AnthropicStandIn(StandIn):
                 self._check_image(inner, inner_at)
                 images += 1
             else:
-                raise _Rejection(f"{inner_at}: Input tag '{kind}' found using 'type' does not "
-                                 "match any of the expected tags: 'text', 'image'")
+                raise _Rejection(
+                    f"{inner_at}: Input tag '{kind}' found using 'type' does not "
+                    "match any of the expected tags: 'text', 'image'"
+                )
         return texts, images
 
     @staticmethod
@@ -688,15 +830,18 @@ class AnthropicStandIn(StandIn):
             if not isinstance(tool, dict):
                 raise _Rejection(f"{at}: Input should be a valid dictionary")
             if tool.get("type", "custom") != "custom":
-                raise _Rejection(f"{at}: Input tag '{tool['type']}' found using 'type' does not "
-                                 "match any of the expected tags: 'custom'")
+                raise _Rejection(
+                    f"{at}: Input tag '{tool['type']}' found using 'type' does not "
+                    "match any of the expected tags: 'custom'"
+                )
             _extra_keys(tool, _TOOL_KEYS, f"{at}.custom.")
             name = tool.get("name")
             if not isinstance(name, str):
                 raise _Rejection(f"{at}.custom.name: Field required")
             if not _TOOL_NAME.match(name):
-                raise _Rejection(f"{at}.custom.name: String should match pattern "
-                                 f"'{_TOOL_NAME.pattern}'")
+                raise _Rejection(
+                    f"{at}.custom.name: String should match pattern '{_TOOL_NAME.pattern}'"
+                )
             if "description" in tool and not isinstance(tool["description"], str):
                 raise _Rejection(f"{at}.custom.description: Input should be a valid string")
             schema = tool.get("input_schema")
@@ -713,12 +858,22 @@ class AnthropicStandIn(StandIn):
     def _check_tool_choice(choice: Any, tools: list[dict[str, Any]]) -> dict[str, Any] | None:
         if choice is None:
             return None
-        if not isinstance(choice, dict) or choice.get("type") not in ("auto", "any", "tool", "none"):
-            raise _Rejection("tool_choice: Input tag found using 'type' does not match any of the "
-                             "expected tags: 'auto', 'any', 'tool', 'none'")
+        if not isinstance(choice, dict) or choice.get("type") not in (
+            "auto",
+            "any",
+            "tool",
+            "none",
+        ):
+            raise _Rejection(
+                "tool_choice: Input tag found using 'type' does not match any of the "
+                "expected tags: 'auto', 'any', 'tool', 'none'"
+            )
         kind = choice["type"]
-        allowed = {"type", "name", "disable_parallel_tool_use"} if kind == "tool" else (
-            {"type"} if kind == "none" else {"type", "disable_parallel_tool_use"})
+        allowed = (
+            {"type", "name", "disable_parallel_tool_use"}
+            if kind == "tool"
+            else ({"type"} if kind == "none" else {"type", "disable_parallel_tool_use"})
+        )
         _extra_keys(choice, allowed, f"tool_choice.{kind}.")
         if kind != "none" and not tools:
             raise _Rejection("tool_choice may only be specified while providing tools")
@@ -727,8 +882,9 @@ class AnthropicStandIn(StandIn):
             if not isinstance(name, str):
                 raise _Rejection("tool_choice.tool.name: Field required")
             if name not in {t["name"] for t in tools}:
-                raise _Rejection(f"tool_choice.tool.name: Tool '{name}' not found in the "
-                                 "provided tools")
+                raise _Rejection(
+                    f"tool_choice.tool.name: Tool '{name}' not found in the provided tools"
+                )
         return choice
 
     @staticmethod
@@ -739,8 +895,9 @@ class AnthropicStandIn(StandIn):
             raise _Rejection("output_config: Input should be a valid dictionary")
         _extra_keys(config, ("format", "effort"), "output_config.")
         if config.get("effort") not in (None, "low", "medium", "high", "xhigh", "max"):
-            raise _Rejection("output_config.effort: Input should be 'low', 'medium', 'high', "
-                             "'xhigh' or 'max'")
+            raise _Rejection(
+                "output_config.effort: Input should be 'low', 'medium', 'high', 'xhigh' or 'max'"
+            )
         fmt = config.get("format")
         if fmt is None:
             return None
@@ -756,16 +913,22 @@ class AnthropicStandIn(StandIn):
         if thinking is None:
             return
         if not isinstance(thinking, dict) or thinking.get("type") not in (
-                "enabled", "disabled", "adaptive"):
-            raise _Rejection("thinking: Input tag found using 'type' does not match any of the "
-                             "expected tags: 'enabled', 'disabled', 'adaptive'")
+            "enabled",
+            "disabled",
+            "adaptive",
+        ):
+            raise _Rejection(
+                "thinking: Input tag found using 'type' does not match any of the "
+                "expected tags: 'enabled', 'disabled', 'adaptive'"
+            )
         if thinking["type"] == "enabled":
             budget = thinking.get("budget_tokens")
             if not _is_int(budget):
                 raise _Rejection("thinking.enabled.budget_tokens: Field required")
             if budget < 1024:
-                raise _Rejection("thinking.enabled.budget_tokens: Input should be greater than or "
-                                 "equal to 1024")
+                raise _Rejection(
+                    "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024"
+                )
             if not count_only and budget >= max_tokens:
                 raise _Rejection("`max_tokens` must be greater than `thinking.budget_tokens`")
 
@@ -777,8 +940,15 @@ class AnthropicStandIn(StandIn):
         stop_sequence = None
         if reply.text is not None or reply.tool_calls:
             text = reply.text or ""
-            calls = [{"type": "tool_use", "id": c.id or self.new_id("toolu_"), "name": c.name,
-                      "input": dict(c.arguments)} for c in reply.tool_calls]
+            calls = [
+                {
+                    "type": "tool_use",
+                    "id": c.id or self.new_id("toolu_"),
+                    "name": c.name,
+                    "input": dict(c.arguments),
+                }
+                for c in reply.tool_calls
+            ]
             stop_reason = "tool_use" if calls else "end_turn"
         else:
             text, calls, stop_reason, stop_sequence = self._default_content(req)
@@ -791,7 +961,8 @@ class AnthropicStandIn(StandIn):
             blocks.append({"type": "text", "text": text})
         blocks.extend(calls)
         output_tokens = count_tokens(text) + sum(
-            count_tokens(orjson.dumps(c["input"]).decode()) for c in calls)
+            count_tokens(orjson.dumps(c["input"]).decode()) for c in calls
+        )
         return _Outcome(
             id=self.new_id("msg_"),
             model=reply.model or req.model["id"],
@@ -799,22 +970,31 @@ class AnthropicStandIn(StandIn):
             stop_reason=stop_reason,
             stop_sequence=stop_sequence if stop_reason == "stop_sequence" else None,
             input_tokens=req.input_tokens if reply.prompt_tokens is None else reply.prompt_tokens,
-            output_tokens=(output_tokens if reply.completion_tokens is None
-                           else reply.completion_tokens),
+            output_tokens=(
+                output_tokens if reply.completion_tokens is None else reply.completion_tokens
+            ),
             chunks=reply.chunks,
-            stop_details=({"type": "refusal", "category": None, "explanation": None}
-                          if stop_reason == "refusal" else None),
+            stop_details=(
+                {"type": "refusal", "category": None, "explanation": None}
+                if stop_reason == "refusal"
+                else None
+            ),
         )
 
     def _default_content(
-        self, req: _MessagesRequest,
+        self,
+        req: _MessagesRequest,
     ) -> tuple[str, list[dict[str, Any]], str, str | None]:
         choice = (req.tool_choice or {}).get("type", "auto")
         if req.tools and choice != "none" and req.tool_result_text is None:
             forced = req.tool_choice.get("name") if choice == "tool" and req.tool_choice else None
             tool = next((t for t in req.tools if t["name"] == forced), req.tools[0])
-            call = {"type": "tool_use", "id": self.new_id("toolu_"), "name": tool["name"],
-                    "input": sample_from_schema(tool["input_schema"])}
+            call = {
+                "type": "tool_use",
+                "id": self.new_id("toolu_"),
+                "name": tool["name"],
+                "input": sample_from_schema(tool["input_schema"]),
+            }
             return "", [call], "tool_use", None
         stop_sequence = None
         if req.json_schema is not None:
@@ -831,13 +1011,16 @@ class AnthropicStandIn(StandIn):
                 cut, stop_sequence = min(hits)
                 text = text[:cut]
         if count_tokens(text) > req.max_tokens:
-            return "".join(words(text)[:req.max_tokens]).rstrip(), [], "max_tokens", None
+            return "".join(words(text)[: req.max_tokens]).rstrip(), [], "max_tokens", None
         return text, [], "stop_sequence" if stop_sequence else "end_turn", stop_sequence
 
     def _message(self, out: _Outcome, *, started: bool = False) -> dict[str, Any]:
         """The Message object; `started` gives the `message_start` form (no content yet)."""
         message: dict[str, Any] = {
-            "id": out.id, "type": "message", "role": "assistant", "model": out.model,
+            "id": out.id,
+            "type": "message",
+            "role": "assistant",
+            "model": out.model,
             "content": [] if started else out.blocks,
             "stop_reason": None if started else out.stop_reason,
             "stop_sequence": None if started else out.stop_sequence,
@@ -860,8 +1043,9 @@ class AnthropicStandIn(StandIn):
         try:
             req = await self._parse(request)
         except _Rejection as rejection:
-            return self.error_response(rejection.status, rejection.message,
-                                       error_type=rejection.error_type)
+            return self.error_response(
+                rejection.status, rejection.message, error_type=rejection.error_type
+            )
         out = self._compose(req, self.next_reply())
         if not req.stream:
             return self.json_response(self._message(out))
@@ -873,45 +1057,69 @@ class AnthropicStandIn(StandIn):
         try:
             req = await self._parse(request, count_only=True)
         except _Rejection as rejection:
-            return self.error_response(rejection.status, rejection.message,
-                                       error_type=rejection.error_type)
+            return self.error_response(
+                rejection.status, rejection.message, error_type=rejection.error_type
+            )
         return self.json_response({"input_tokens": req.input_tokens})
 
     async def _stream(self, request: web.Request, out: _Outcome) -> web.StreamResponse:
         writer = await self.open_stream(request, error_event=self.stream_error_event)
-        await writer.send({"type": "message_start", "message": self._message(out, started=True)},
-                          "message_start")
+        await writer.send(
+            {"type": "message_start", "message": self._message(out, started=True)}, "message_start"
+        )
         # Real streams carry pings: right after message_start and between content blocks.
         await writer.send({"type": "ping"}, "ping")
         for index, block in enumerate(out.blocks):
             if index:
                 await writer.send({"type": "ping"}, "ping")
             if block["type"] == "text":
-                await writer.send({"type": "content_block_start", "index": index,
-                                   "content_block": {"type": "text", "text": ""}},
-                                  "content_block_start")
+                await writer.send(
+                    {
+                        "type": "content_block_start",
+                        "index": index,
+                        "content_block": {"type": "text", "text": ""},
+                    },
+                    "content_block_start",
+                )
                 for piece in split_text(block["text"], out.chunks):
-                    await writer.send({"type": "content_block_delta", "index": index,
-                                       "delta": {"type": "text_delta", "text": piece}},
-                                      "content_block_delta")
+                    await writer.send(
+                        {
+                            "type": "content_block_delta",
+                            "index": index,
+                            "delta": {"type": "text_delta", "text": piece},
+                        },
+                        "content_block_delta",
+                    )
             else:
-                await writer.send({"type": "content_block_start", "index": index,
-                                   "content_block": {**block, "input": {}}},
-                                  "content_block_start")
+                await writer.send(
+                    {
+                        "type": "content_block_start",
+                        "index": index,
+                        "content_block": {**block, "input": {}},
+                    },
+                    "content_block_start",
+                )
                 for fragment in _json_fragments(orjson.dumps(block["input"]).decode()):
-                    await writer.send({"type": "content_block_delta", "index": index,
-                                       "delta": {"type": "input_json_delta",
-                                                 "partial_json": fragment}},
-                                      "content_block_delta")
-            await writer.send({"type": "content_block_stop", "index": index},
-                              "content_block_stop")
-        delta: dict[str, Any] = {"stop_reason": out.stop_reason,
-                                 "stop_sequence": out.stop_sequence}
+                    await writer.send(
+                        {
+                            "type": "content_block_delta",
+                            "index": index,
+                            "delta": {"type": "input_json_delta", "partial_json": fragment},
+                        },
+                        "content_block_delta",
+                    )
+            await writer.send({"type": "content_block_stop", "index": index}, "content_block_stop")
+        delta: dict[str, Any] = {"stop_reason": out.stop_reason, "stop_sequence": out.stop_sequence}
         if out.stop_details is not None:
             delta["stop_details"] = out.stop_details
         # output_tokens is the running total so far (here: all of it), never an increment.
-        await writer.send({"type": "message_delta", "delta": delta,
-                           "usage": {"output_tokens": out.output_tokens}}, "message_delta")
-        await writer.terminate(writer.frame(orjson.dumps({"type": "message_stop"}),
-                                            "message_stop"))
+        await writer.send(
+            {
+                "type": "message_delta",
+                "delta": delta,
+                "usage": {"output_tokens": out.output_tokens},
+            },
+            "message_delta",
+        )
+        await writer.terminate(writer.frame(orjson.dumps({"type": "message_stop"}), "message_stop"))
         return writer.response

@@ -73,15 +73,25 @@ CHAT_METHODS = ("generateContent", "countTokens", "createCachedContent", "batchG
 
 
 def gemini_model(
-    model_id: str, display_name: str, *, input_token_limit: int = 1_048_576,
-    output_token_limit: int = 65_536, methods: Sequence[str] = CHAT_METHODS,
-    description: str = "", version: str = "001", **extra: Any,
+    model_id: str,
+    display_name: str,
+    *,
+    input_token_limit: int = 1_048_576,
+    output_token_limit: int = 65_536,
+    methods: Sequence[str] = CHAT_METHODS,
+    description: str = "",
+    version: str = "001",
+    **extra: Any,
 ) -> dict[str, Any]:
     """One entry of `GeminiStandIn.models`, shaped like the API's `Model` resource."""
     return {
-        "name": f"models/{model_id}", "version": version, "displayName": display_name,
-        "description": description or display_name, "inputTokenLimit": input_token_limit,
-        "outputTokenLimit": output_token_limit, "supportedGenerationMethods": list(methods),
+        "name": f"models/{model_id}",
+        "version": version,
+        "displayName": display_name,
+        "description": description or display_name,
+        "inputTokenLimit": input_token_limit,
+        "outputTokenLimit": output_token_limit,
+        "supportedGenerationMethods": list(methods),
         **extra,
     }
 
@@ -92,15 +102,28 @@ DEFAULT_MODELS: tuple[dict[str, Any], ...] = (
     gemini_model("gemini-2.5-flash", "Gemini 2.5 Flash", thinking=True, **_SAMPLING),
     gemini_model("gemini-2.5-pro", "Gemini 2.5 Pro", thinking=True, **_SAMPLING),
     gemini_model("gemini-2.5-flash-lite", "Gemini 2.5 Flash-Lite", thinking=True, **_SAMPLING),
-    gemini_model("gemini-2.0-flash", "Gemini 2.0 Flash", output_token_limit=8_192,
-                 **{**_SAMPLING, "topK": 40}),
+    gemini_model(
+        "gemini-2.0-flash",
+        "Gemini 2.0 Flash",
+        output_token_limit=8_192,
+        **{**_SAMPLING, "topK": 40},
+    ),
     # Listed but not servable by generateContent: the model a gateway must filter out.
-    gemini_model("gemini-embedding-001", "Gemini Embedding 001", input_token_limit=2_048,
-                 output_token_limit=1, methods=("embedContent", "countTextTokens",
-                                                "countTokens", "asyncBatchEmbedContent")),
+    gemini_model(
+        "gemini-embedding-001",
+        "Gemini Embedding 001",
+        input_token_limit=2_048,
+        output_token_limit=1,
+        methods=("embedContent", "countTextTokens", "countTokens", "asyncBatchEmbedContent"),
+    ),
     # A tiny window so tests can provoke the input-token-limit error with a few words.
-    gemini_model("gemini-standin-tiny", "Gemini Stand-in Tiny (64-token window)",
-                 input_token_limit=64, output_token_limit=64, **_SAMPLING),
+    gemini_model(
+        "gemini-standin-tiny",
+        "Gemini Stand-in Tiny (64-token window)",
+        input_token_limit=64,
+        output_token_limit=64,
+        **_SAMPLING,
+    ),
 )
 """The default `GeminiStandIn.models`: `Model` resources as `GET /v1beta/models` returns them
 (`name` is `models/<id>`; `inputTokenLimit`, `outputTokenLimit` and `supportedGenerationMethods`
@@ -108,35 +131,59 @@ are what the stand-in enforces)."""
 
 # google.rpc codes as HTTP maps them, and back.
 STATUS_NAMES = {
-    400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
-    409: "ABORTED", 429: "RESOURCE_EXHAUSTED", 499: "CANCELLED", 500: "INTERNAL",
-    501: "UNIMPLEMENTED", 502: "UNAVAILABLE", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED",
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    409: "ABORTED",
+    429: "RESOURCE_EXHAUSTED",
+    499: "CANCELLED",
+    500: "INTERNAL",
+    501: "UNIMPLEMENTED",
+    502: "UNAVAILABLE",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
 }
 STATUS_CODES = {
-    "INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "OUT_OF_RANGE": 400,
-    "UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "NOT_FOUND": 404, "ABORTED": 409,
-    "ALREADY_EXISTS": 409, "RESOURCE_EXHAUSTED": 429, "CANCELLED": 499, "INTERNAL": 500,
-    "UNKNOWN": 500, "DATA_LOSS": 500, "UNIMPLEMENTED": 501, "UNAVAILABLE": 503,
+    "INVALID_ARGUMENT": 400,
+    "FAILED_PRECONDITION": 400,
+    "OUT_OF_RANGE": 400,
+    "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
+    "NOT_FOUND": 404,
+    "ABORTED": 409,
+    "ALREADY_EXISTS": 409,
+    "RESOURCE_EXHAUSTED": 429,
+    "CANCELLED": 499,
+    "INTERNAL": 500,
+    "UNKNOWN": 500,
+    "DATA_LOSS": 500,
+    "UNIMPLEMENTED": 501,
+    "UNAVAILABLE": 503,
     "DEADLINE_EXCEEDED": 504,
 }
 _MESSAGES = {
     400: "Request contains an invalid argument.",
     401: "Request had invalid authentication credentials. Expected OAuth 2 access token, login "
-         "cookie or other valid authentication credential.",
+    "cookie or other valid authentication credential.",
     403: "The caller does not have permission",
     404: "Requested entity was not found.",
     429: "You exceeded your current quota, please check your plan and billing details. For more "
-         "information on this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits.",
+    "information on this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits.",
     500: "An internal error has occurred. Please retry or report in "
-         "https://developers.generativeai.google/guide/troubleshooting",
+    "https://developers.generativeai.google/guide/troubleshooting",
     503: "The model is overloaded. Please try again later.",
     504: "Deadline expired before operation could complete.",
 }
-_NO_KEY = ("Method doesn't allow unregistered callers (callers without established identity). "
-           "Please use API Key or other form of API consumer identity to call this API.")
+_NO_KEY = (
+    "Method doesn't allow unregistered callers (callers without established identity). "
+    "Please use API Key or other form of API consumer identity to call this API."
+)
 _BAD_KEY = "API key not valid. Please pass a valid API key."
-_BAD_IMAGE = ("Unable to process input image. Please retry or report in "
-              "https://developers.generativeai.google/guide/troubleshooting")
+_BAD_IMAGE = (
+    "Unable to process input image. Please retry or report in "
+    "https://developers.generativeai.google/guide/troubleshooting"
+)
 _TYPE_URL = "type.googleapis.com/google.ai.generativelanguage.v1beta."
 
 # The request's proto messages, by JSON (camelCase) field name. A kind is a scalar (`string`,
@@ -144,127 +191,273 @@ _TYPE_URL = "type.googleapis.com/google.ai.generativelanguage.v1beta."
 # `value` (any JSON), `enum:<Enum>`, a message name, or one of those after `repeated `/`map `.
 _FIELDS: dict[str, dict[str, str]] = {
     "GenerateContentRequest": {
-        "model": "string", "contents": "repeated Content", "tools": "repeated Tool",
-        "toolConfig": "ToolConfig", "safetySettings": "repeated SafetySetting",
-        "systemInstruction": "Content", "generationConfig": "GenerationConfig",
-        "cachedContent": "string", "labels": "map string", "serviceTier": "string",
+        "model": "string",
+        "contents": "repeated Content",
+        "tools": "repeated Tool",
+        "toolConfig": "ToolConfig",
+        "safetySettings": "repeated SafetySetting",
+        "systemInstruction": "Content",
+        "generationConfig": "GenerationConfig",
+        "cachedContent": "string",
+        "labels": "map string",
+        "serviceTier": "string",
         "store": "bool",
     },
     "Content": {"parts": "repeated Part", "role": "string"},
     "Part": {
-        "text": "string", "inlineData": "Blob", "functionCall": "FunctionCall",
-        "functionResponse": "FunctionResponse", "fileData": "FileData",
-        "executableCode": "ExecutableCode", "codeExecutionResult": "CodeExecutionResult",
-        "toolCall": "struct", "toolResponse": "struct", "thought": "bool",
-        "thoughtSignature": "bytes", "videoMetadata": "VideoMetadata", "partMetadata": "struct",
+        "text": "string",
+        "inlineData": "Blob",
+        "functionCall": "FunctionCall",
+        "functionResponse": "FunctionResponse",
+        "fileData": "FileData",
+        "executableCode": "ExecutableCode",
+        "codeExecutionResult": "CodeExecutionResult",
+        "toolCall": "struct",
+        "toolResponse": "struct",
+        "thought": "bool",
+        "thoughtSignature": "bytes",
+        "videoMetadata": "VideoMetadata",
+        "partMetadata": "struct",
         "mediaResolution": "struct",
     },
     "Blob": {"mimeType": "string", "data": "bytes"},
     "FileData": {"mimeType": "string", "fileUri": "string"},
     "FunctionCall": {"id": "string", "name": "string", "args": "struct"},
     "FunctionResponse": {
-        "id": "string", "name": "string", "response": "struct", "parts": "repeated struct",
-        "willContinue": "bool", "scheduling": "enum:FunctionResponse.Scheduling",
+        "id": "string",
+        "name": "string",
+        "response": "struct",
+        "parts": "repeated struct",
+        "willContinue": "bool",
+        "scheduling": "enum:FunctionResponse.Scheduling",
     },
-    "ExecutableCode": {"id": "string", "language": "enum:ExecutableCode.Language",
-                       "code": "string"},
-    "CodeExecutionResult": {"id": "string", "outcome": "enum:CodeExecutionResult.Outcome",
-                            "output": "string"},
+    "ExecutableCode": {
+        "id": "string",
+        "language": "enum:ExecutableCode.Language",
+        "code": "string",
+    },
+    "CodeExecutionResult": {
+        "id": "string",
+        "outcome": "enum:CodeExecutionResult.Outcome",
+        "output": "string",
+    },
     "VideoMetadata": {"startOffset": "string", "endOffset": "string", "fps": "double"},
     "Tool": {
-        "functionDeclarations": "repeated FunctionDeclaration", "googleSearchRetrieval": "struct",
-        "codeExecution": "struct", "googleSearch": "struct", "urlContext": "struct",
-        "computerUse": "struct", "fileSearch": "struct", "googleMaps": "struct",
+        "functionDeclarations": "repeated FunctionDeclaration",
+        "googleSearchRetrieval": "struct",
+        "codeExecution": "struct",
+        "googleSearch": "struct",
+        "urlContext": "struct",
+        "computerUse": "struct",
+        "fileSearch": "struct",
+        "googleMaps": "struct",
         "mcpServers": "repeated struct",
     },
     "FunctionDeclaration": {
-        "name": "string", "description": "string", "behavior": "enum:FunctionDeclaration.Behavior",
-        "parameters": "Schema", "parametersJsonSchema": "value", "response": "Schema",
+        "name": "string",
+        "description": "string",
+        "behavior": "enum:FunctionDeclaration.Behavior",
+        "parameters": "Schema",
+        "parametersJsonSchema": "value",
+        "response": "Schema",
         "responseJsonSchema": "value",
     },
     "Schema": {
-        "type": "enum:Type", "format": "string", "title": "string", "description": "string",
-        "nullable": "bool", "enum": "repeated string", "maxItems": "int64", "minItems": "int64",
-        "properties": "map Schema", "required": "repeated string", "minProperties": "int64",
-        "maxProperties": "int64", "minLength": "int64", "maxLength": "int64", "pattern": "string",
-        "example": "value", "anyOf": "repeated Schema", "propertyOrdering": "repeated string",
-        "default": "value", "items": "Schema", "minimum": "double", "maximum": "double",
+        "type": "enum:Type",
+        "format": "string",
+        "title": "string",
+        "description": "string",
+        "nullable": "bool",
+        "enum": "repeated string",
+        "maxItems": "int64",
+        "minItems": "int64",
+        "properties": "map Schema",
+        "required": "repeated string",
+        "minProperties": "int64",
+        "maxProperties": "int64",
+        "minLength": "int64",
+        "maxLength": "int64",
+        "pattern": "string",
+        "example": "value",
+        "anyOf": "repeated Schema",
+        "propertyOrdering": "repeated string",
+        "default": "value",
+        "items": "Schema",
+        "minimum": "double",
+        "maximum": "double",
     },
-    "ToolConfig": {"functionCallingConfig": "FunctionCallingConfig", "retrievalConfig": "struct",
-                   "includeServerSideToolInvocations": "bool"},
-    "FunctionCallingConfig": {"mode": "enum:FunctionCallingConfig.Mode",
-                              "allowedFunctionNames": "repeated string"},
-    "SafetySetting": {"category": "enum:HarmCategory",
-                      "threshold": "enum:SafetySetting.HarmBlockThreshold"},
+    "ToolConfig": {
+        "functionCallingConfig": "FunctionCallingConfig",
+        "retrievalConfig": "struct",
+        "includeServerSideToolInvocations": "bool",
+    },
+    "FunctionCallingConfig": {
+        "mode": "enum:FunctionCallingConfig.Mode",
+        "allowedFunctionNames": "repeated string",
+    },
+    "SafetySetting": {
+        "category": "enum:HarmCategory",
+        "threshold": "enum:SafetySetting.HarmBlockThreshold",
+    },
     "GenerationConfig": {
-        "stopSequences": "repeated string", "responseMimeType": "string",
-        "responseSchema": "Schema", "responseJsonSchema": "value",
+        "stopSequences": "repeated string",
+        "responseMimeType": "string",
+        "responseSchema": "Schema",
+        "responseJsonSchema": "value",
         "responseModalities": "repeated enum:GenerationConfig.Modality",
-        "candidateCount": "int32", "maxOutputTokens": "int32", "temperature": "float",
-        "topP": "float", "topK": "int32", "seed": "int32", "presencePenalty": "float",
-        "frequencyPenalty": "float", "responseLogprobs": "bool", "logprobs": "int32",
-        "enableEnhancedCivicAnswers": "bool", "speechConfig": "struct",
-        "thinkingConfig": "ThinkingConfig", "imageConfig": "struct",
+        "candidateCount": "int32",
+        "maxOutputTokens": "int32",
+        "temperature": "float",
+        "topP": "float",
+        "topK": "int32",
+        "seed": "int32",
+        "presencePenalty": "float",
+        "frequencyPenalty": "float",
+        "responseLogprobs": "bool",
+        "logprobs": "int32",
+        "enableEnhancedCivicAnswers": "bool",
+        "speechConfig": "struct",
+        "thinkingConfig": "ThinkingConfig",
+        "imageConfig": "struct",
         "mediaResolution": "enum:GenerationConfig.MediaResolution",
     },
-    "ThinkingConfig": {"includeThoughts": "bool", "thinkingBudget": "int32",
-                       "thinkingLevel": "string"},
+    "ThinkingConfig": {
+        "includeThoughts": "bool",
+        "thinkingBudget": "int32",
+        "thinkingLevel": "string",
+    },
 }
 _ENUMS: dict[str, tuple[str, ...]] = {
-    "Type": ("TYPE_UNSPECIFIED", "STRING", "NUMBER", "INTEGER", "BOOLEAN", "ARRAY", "OBJECT",
-             "NULL"),
+    "Type": (
+        "TYPE_UNSPECIFIED",
+        "STRING",
+        "NUMBER",
+        "INTEGER",
+        "BOOLEAN",
+        "ARRAY",
+        "OBJECT",
+        "NULL",
+    ),
     "FunctionCallingConfig.Mode": ("MODE_UNSPECIFIED", "AUTO", "ANY", "NONE", "VALIDATED"),
     "HarmCategory": (
-        "HARM_CATEGORY_UNSPECIFIED", "HARM_CATEGORY_DEROGATORY", "HARM_CATEGORY_TOXICITY",
-        "HARM_CATEGORY_VIOLENCE", "HARM_CATEGORY_SEXUAL", "HARM_CATEGORY_MEDICAL",
-        "HARM_CATEGORY_DANGEROUS", "HARM_CATEGORY_HARASSMENT", "HARM_CATEGORY_HATE_SPEECH",
-        "HARM_CATEGORY_SEXUALLY_EXPLICIT", "HARM_CATEGORY_DANGEROUS_CONTENT",
+        "HARM_CATEGORY_UNSPECIFIED",
+        "HARM_CATEGORY_DEROGATORY",
+        "HARM_CATEGORY_TOXICITY",
+        "HARM_CATEGORY_VIOLENCE",
+        "HARM_CATEGORY_SEXUAL",
+        "HARM_CATEGORY_MEDICAL",
+        "HARM_CATEGORY_DANGEROUS",
+        "HARM_CATEGORY_HARASSMENT",
+        "HARM_CATEGORY_HATE_SPEECH",
+        "HARM_CATEGORY_SEXUALLY_EXPLICIT",
+        "HARM_CATEGORY_DANGEROUS_CONTENT",
         "HARM_CATEGORY_CIVIC_INTEGRITY",
     ),
     "SafetySetting.HarmBlockThreshold": (
-        "HARM_BLOCK_THRESHOLD_UNSPECIFIED", "BLOCK_LOW_AND_ABOVE", "BLOCK_MEDIUM_AND_ABOVE",
-        "BLOCK_ONLY_HIGH", "BLOCK_NONE", "OFF",
+        "HARM_BLOCK_THRESHOLD_UNSPECIFIED",
+        "BLOCK_LOW_AND_ABOVE",
+        "BLOCK_MEDIUM_AND_ABOVE",
+        "BLOCK_ONLY_HIGH",
+        "BLOCK_NONE",
+        "OFF",
     ),
     "GenerationConfig.Modality": ("MODALITY_UNSPECIFIED", "TEXT", "IMAGE", "AUDIO"),
     "GenerationConfig.MediaResolution": (
-        "MEDIA_RESOLUTION_UNSPECIFIED", "MEDIA_RESOLUTION_LOW", "MEDIA_RESOLUTION_MEDIUM",
+        "MEDIA_RESOLUTION_UNSPECIFIED",
+        "MEDIA_RESOLUTION_LOW",
+        "MEDIA_RESOLUTION_MEDIUM",
         "MEDIA_RESOLUTION_HIGH",
     ),
     "FunctionDeclaration.Behavior": ("UNSPECIFIED", "BLOCKING", "NON_BLOCKING"),
     "FunctionResponse.Scheduling": ("SCHEDULING_UNSPECIFIED", "SILENT", "WHEN_IDLE", "INTERRUPT"),
     "ExecutableCode.Language": ("LANGUAGE_UNSPECIFIED", "PYTHON"),
-    "CodeExecutionResult.Outcome": ("OUTCOME_UNSPECIFIED", "OUTCOME_OK", "OUTCOME_FAILED",
-                                    "OUTCOME_DEADLINE_EXCEEDED"),
+    "CodeExecutionResult.Outcome": (
+        "OUTCOME_UNSPECIFIED",
+        "OUTCOME_OK",
+        "OUTCOME_FAILED",
+        "OUTCOME_DEADLINE_EXCEEDED",
+    ),
 }
-_SCALAR_TYPES = {"string": "TYPE_STRING", "int32": "TYPE_INT32", "int64": "TYPE_INT64",
-                 "float": "TYPE_FLOAT", "double": "TYPE_DOUBLE", "bool": "TYPE_BOOL",
-                 "bytes": "TYPE_BYTES"}
+_SCALAR_TYPES = {
+    "string": "TYPE_STRING",
+    "int32": "TYPE_INT32",
+    "int64": "TYPE_INT64",
+    "float": "TYPE_FLOAT",
+    "double": "TYPE_DOUBLE",
+    "bool": "TYPE_BOOL",
+    "bytes": "TYPE_BYTES",
+}
 # The Part fields of its `data` oneof; the rest (thought, thoughtSignature, ...) ride along.
-_PART_DATA = ("text", "inlineData", "functionCall", "functionResponse", "fileData",
-              "executableCode", "codeExecutionResult", "toolCall", "toolResponse")
+_PART_DATA = (
+    "text",
+    "inlineData",
+    "functionCall",
+    "functionResponse",
+    "fileData",
+    "executableCode",
+    "codeExecutionResult",
+    "toolCall",
+    "toolResponse",
+)
 
 _IMAGE_TYPES = frozenset({"image/png", "image/jpeg", "image/webp", "image/heic", "image/heif"})
-_OTHER_INPUT_TYPES = frozenset({
-    "application/pdf", "application/json", "application/rtf", "application/x-javascript",
-    "application/x-python-code", "application/x-typescript", "text/plain", "text/html",
-    "text/css", "text/csv", "text/javascript", "text/markdown", "text/md", "text/rtf",
-    "text/x-python", "text/x-typescript", "text/xml", "audio/wav", "audio/mp3", "audio/mpeg",
-    "audio/aiff", "audio/aac", "audio/ogg", "audio/flac", "video/mp4", "video/mpeg",
-    "video/mov", "video/quicktime", "video/avi", "video/x-flv", "video/mpg", "video/webm",
-    "video/wmv", "video/3gpp",
-})
+_OTHER_INPUT_TYPES = frozenset(
+    {
+        "application/pdf",
+        "application/json",
+        "application/rtf",
+        "application/x-javascript",
+        "application/x-python-code",
+        "application/x-typescript",
+        "text/plain",
+        "text/html",
+        "text/css",
+        "text/csv",
+        "text/javascript",
+        "text/markdown",
+        "text/md",
+        "text/rtf",
+        "text/x-python",
+        "text/x-typescript",
+        "text/xml",
+        "audio/wav",
+        "audio/mp3",
+        "audio/mpeg",
+        "audio/aiff",
+        "audio/aac",
+        "audio/ogg",
+        "audio/flac",
+        "video/mp4",
+        "video/mpeg",
+        "video/mov",
+        "video/quicktime",
+        "video/avi",
+        "video/x-flv",
+        "video/mpg",
+        "video/webm",
+        "video/wmv",
+        "video/3gpp",
+    }
+)
 _SNIFFABLE = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
-_RESPONSE_MIME_TYPES = ("text/plain", "application/json", "application/xml", "application/yaml",
-                        "text/x.enum")
+_RESPONSE_MIME_TYPES = (
+    "text/plain",
+    "application/json",
+    "application/xml",
+    "application/yaml",
+    "text/x.enum",
+)
 _FUNCTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:\-]{0,63}")
-_BLOCKED_OUTPUT = frozenset({"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII",
-                             "IMAGE_SAFETY"})
+_BLOCKED_OUTPUT = frozenset(
+    {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"}
+)
 _PROMPT_BLOCKED = "PROMPT_BLOCKED"
 
 # Set per request by the outermost middleware: the streamed-JSON-array form of
 # streamGenerateContent (no `alt=sse`) wraps even its error bodies in an array.
-_JSON_ARRAY_MODE: contextvars.ContextVar[bool] = contextvars.ContextVar("gemini_json_array",
-                                                                         default=False)
+_JSON_ARRAY_MODE: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "gemini_json_array", default=False
+)
 
 
 class _Rejected(Exception):
@@ -334,8 +527,10 @@ class _ProtoJson:
             inner = kind.removeprefix("map ")
             if not isinstance(value, dict):
                 return self._invalid(path, kind, value)
-            return {key: self.parse(inner, item, f"{path}[{i}].value")
-                    for i, (key, item) in enumerate(value.items())}
+            return {
+                key: self.parse(inner, item, f"{path}[{i}].value")
+                for i, (key, item) in enumerate(value.items())
+            }
         if kind in _FIELDS:
             return self._message(kind, value, path)
         return self._scalar(kind, value, path)
@@ -351,12 +546,20 @@ class _ProtoJson:
             kind = fields.get(json_name)
             if kind is None:
                 self.violations.append(
-                    (path, f'Invalid JSON payload received. Unknown name "{key}"{where}: '
-                           "Cannot find field."))
+                    (
+                        path,
+                        f'Invalid JSON payload received. Unknown name "{key}"{where}: '
+                        "Cannot find field.",
+                    )
+                )
             elif isinstance(item, list) and not kind.startswith("repeated ") and kind != "value":
                 self.violations.append(
-                    (path, f'Invalid JSON payload received. Unknown name "{key}"{where}: '
-                           "Proto field is not repeating, cannot start list."))
+                    (
+                        path,
+                        f'Invalid JSON payload received. Unknown name "{key}"{where}: '
+                        "Proto field is not repeating, cannot start list.",
+                    )
+                )
             else:
                 out[json_name] = self.parse(kind, item, _join(path, _snake(json_name)))
         return out
@@ -372,24 +575,32 @@ class _ProtoJson:
         elif kind == "bool":
             ok = isinstance(value, bool)
         elif kind in ("int32", "int64"):
-            ok = (isinstance(value, int) and not isinstance(value, bool)) or (
-                isinstance(value, float) and value.is_integer()) or (
-                isinstance(value, str) and re.fullmatch(r"-?\d+", value) is not None)
+            ok = (
+                (isinstance(value, int) and not isinstance(value, bool))
+                or (isinstance(value, float) and value.is_integer())
+                or (isinstance(value, str) and re.fullmatch(r"-?\d+", value) is not None)
+            )
         elif kind in ("float", "double"):
             ok = _as_number(value) is not None
         elif kind == "bytes":
             if isinstance(value, str) and _decode_base64(value) is None:
                 shown = value if len(value) <= 64 else value[:64] + "..."
                 self.violations.append(
-                    (path, f"Invalid value at '{path}' (TYPE_BYTES), Base64 decoding failed "
-                           f'for "{shown}"'))
+                    (
+                        path,
+                        f"Invalid value at '{path}' (TYPE_BYTES), Base64 decoding failed "
+                        f'for "{shown}"',
+                    )
+                )
                 return value
             ok = isinstance(value, str)
         elif kind.startswith("enum:"):
             enum = kind.removeprefix("enum:")
             ok = value in _ENUMS[enum] or (
-                isinstance(value, int) and not isinstance(value, bool)
-                and 0 <= value < len(_ENUMS[enum]))
+                isinstance(value, int)
+                and not isinstance(value, bool)
+                and 0 <= value < len(_ENUMS[enum])
+            )
             if ok and isinstance(value, int):
                 value = _ENUMS[enum][value]
         if not ok:
@@ -405,10 +616,9 @@ class _ProtoJson:
         else:
             type_name = _TYPE_URL + kind.removeprefix("enum:")
         self.violations.append(
-            (path, f"Invalid value at '{path}' ({type_name}), {_json_text(value)}"))
+            (path, f"Invalid value at '{path}' ({type_name}), {_json_text(value)}")
+        )
         return None
-
-
 
 
 @dataclass
@@ -433,16 +643,18 @@ class _Plan:
 class _JsonArrayWriter(SSEWriter):
     """streamGenerateContent without `alt=sse`: one JSON array, sent an element at a time."""
 
-    def __init__(self, standin: GeminiStandIn, request: web.Request,
-                 response: web.StreamResponse) -> None:
+    def __init__(
+        self, standin: GeminiStandIn, request: web.Request, response: web.StreamResponse
+    ) -> None:
         super().__init__(standin, request, response, error_event=self._error_element)
         self._gemini = standin
 
     def _separator(self) -> bytes:
         return b"[" if self.events == 0 else b"\n,\r\n"
 
-    def frame(self, data: bytes | str, event: str | None = None, *,
-              split_json: bool = False) -> bytes:
+    def frame(
+        self, data: bytes | str, event: str | None = None, *, split_json: bool = False
+    ) -> bytes:
         pretty = orjson.dumps(orjson.loads(data), option=orjson.OPT_INDENT_2)
         return self._separator() + pretty
 
@@ -462,11 +674,17 @@ class GeminiStandIn(StandIn):
 
     provider = "gemini"
 
-    def __init__(self, *, api_key: str | None = "test-key", chunk_delay_s: float = 0.0,
-                 models: Iterable[dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        api_key: str | None = "test-key",
+        chunk_delay_s: float = 0.0,
+        models: Iterable[dict[str, Any]] | None = None,
+    ) -> None:
         super().__init__(api_key=api_key, chunk_delay_s=chunk_delay_s)
         self.models: list[dict[str, Any]] = [
-            dict(m) for m in (DEFAULT_MODELS if models is None else models)]
+            dict(m) for m in (DEFAULT_MODELS if models is None else models)
+        ]
 
     # ---- routes and errors -------------------------------------------------------------
 
@@ -486,16 +704,21 @@ class GeminiStandIn(StandIn):
     @web.middleware
     async def _mark_json_array_mode(self, request: web.Request, handler: Any) -> Any:
         token = _JSON_ARRAY_MODE.set(
-            request.path.endswith(":streamGenerateContent")
-            and request.query.get("alt") != "sse")
+            request.path.endswith(":streamGenerateContent") and request.query.get("alt") != "sse"
+        )
         try:
             return await handler(request)
         finally:
             _JSON_ARRAY_MODE.reset(token)
 
     def error_response(
-        self, status: int, message: str, *, error_type: str | None = None,
-        retry_after: float | None = None, details: list[dict[str, Any]] | None = None,
+        self,
+        status: int,
+        message: str,
+        *,
+        error_type: str | None = None,
+        retry_after: float | None = None,
+        details: list[dict[str, Any]] | None = None,
     ) -> web.Response:
         """A google.rpc error body; `retry_after` becomes a `RetryInfo` detail (Gemini sends no
         Retry-After header), and a 429 carries the `QuotaFailure` and `Help` details."""
@@ -503,24 +726,40 @@ class GeminiStandIn(StandIn):
             message = _MESSAGES.get(status, message)
         details = list(details or ())
         if status == 429:
-            details.append({
-                "@type": "type.googleapis.com/google.rpc.QuotaFailure",
-                "violations": [{
-                    "quotaMetric":
-                        "generativelanguage.googleapis.com/generate_content_free_tier_requests",
-                    "quotaId": "GenerateRequestsPerMinutePerProjectPerModel-FreeTier",
-                    "quotaDimensions": {"location": "global", "model": "gemini-2.5-flash"},
-                    "quotaValue": "10",
-                }],
-            })
-            details.append({"@type": "type.googleapis.com/google.rpc.Help", "links": [{
-                "description": "Learn more about Gemini API quotas",
-                "url": "https://ai.google.dev/gemini-api/docs/rate-limits"}]})
+            details.append(
+                {
+                    "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                    "violations": [
+                        {
+                            "quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests",
+                            "quotaId": "GenerateRequestsPerMinutePerProjectPerModel-FreeTier",
+                            "quotaDimensions": {"location": "global", "model": "gemini-2.5-flash"},
+                            "quotaValue": "10",
+                        }
+                    ],
+                }
+            )
+            details.append(
+                {
+                    "@type": "type.googleapis.com/google.rpc.Help",
+                    "links": [
+                        {
+                            "description": "Learn more about Gemini API quotas",
+                            "url": "https://ai.google.dev/gemini-api/docs/rate-limits",
+                        }
+                    ],
+                }
+            )
         if retry_after is not None:
-            details.append({"@type": "type.googleapis.com/google.rpc.RetryInfo",
-                            "retryDelay": _duration(retry_after)})
+            details.append(
+                {
+                    "@type": "type.googleapis.com/google.rpc.RetryInfo",
+                    "retryDelay": _duration(retry_after),
+                }
+            )
         error: dict[str, Any] = {
-            "code": status, "message": message,
+            "code": status,
+            "message": message,
             "status": error_type or STATUS_NAMES.get(status, "UNKNOWN"),
         }
         if details:
@@ -528,8 +767,9 @@ class GeminiStandIn(StandIn):
         body: Any = {"error": error}
         if _JSON_ARRAY_MODE.get():
             body = [body]
-        return web.Response(body=orjson.dumps(body), status=status,
-                            content_type="application/json", charset="UTF-8")
+        return web.Response(
+            body=orjson.dumps(body), status=status, content_type="application/json", charset="UTF-8"
+        )
 
     def stream_error_payload(self, fault: Fault) -> dict[str, Any]:
         """The error object a stream carries under HTTP 200 for the `stream_error` fault:
@@ -548,16 +788,20 @@ class GeminiStandIn(StandIn):
     def _stream_error_event(self, fault: Fault) -> bytes:
         return b"data: " + orjson.dumps(self.stream_error_payload(fault)) + b"\r\n\r\n"
 
-    def _invalid_argument(self, message: str, violations: Sequence[tuple[str, str]] = ()) -> (
-            _Rejected):
+    def _invalid_argument(
+        self, message: str, violations: Sequence[tuple[str, str]] = ()
+    ) -> _Rejected:
         details = []
         if violations:
-            details.append({
-                "@type": "type.googleapis.com/google.rpc.BadRequest",
-                "fieldViolations": [
-                    {"field": path, "description": text} if path else {"description": text}
-                    for path, text in violations],
-            })
+            details.append(
+                {
+                    "@type": "type.googleapis.com/google.rpc.BadRequest",
+                    "fieldViolations": [
+                        {"field": path, "description": text} if path else {"description": text}
+                        for path, text in violations
+                    ],
+                }
+            )
         return _Rejected(self.error_response(400, message, details=details))
 
     def _check_auth(self, request: web.Request) -> None:
@@ -567,13 +811,25 @@ class GeminiStandIn(StandIn):
         if not key:
             raise _Rejected(self.error_response(403, _NO_KEY))
         if key != self.api_key:
-            raise _Rejected(self.error_response(400, _BAD_KEY, details=[
-                {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
-                 "domain": "googleapis.com",
-                 "metadata": {"service": "generativelanguage.googleapis.com"}},
-                {"@type": "type.googleapis.com/google.rpc.LocalizedMessage", "locale": "en-US",
-                 "message": _BAD_KEY},
-            ]))
+            raise _Rejected(
+                self.error_response(
+                    400,
+                    _BAD_KEY,
+                    details=[
+                        {
+                            "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                            "reason": "API_KEY_INVALID",
+                            "domain": "googleapis.com",
+                            "metadata": {"service": "generativelanguage.googleapis.com"},
+                        },
+                        {
+                            "@type": "type.googleapis.com/google.rpc.LocalizedMessage",
+                            "locale": "en-US",
+                            "message": _BAD_KEY,
+                        },
+                    ],
+                )
+            )
 
     def find_model(self, model_id: str) -> dict[str, Any] | None:
         """The `Model` resource named `models/<model_id>` (the prefix is optional)."""
@@ -589,12 +845,15 @@ class GeminiStandIn(StandIn):
             if not re.fullmatch(r"-?\d+", size_text):
                 raise self._invalid_argument(
                     f"Invalid value at 'page_size' (TYPE_INT32), \"{size_text}\"",
-                    [("page_size", f"Invalid value at 'page_size' (TYPE_INT32), "
-                                   f"\"{size_text}\"")])
+                    [("page_size", f"Invalid value at 'page_size' (TYPE_INT32), \"{size_text}\"")],
+                )
             size = int(size_text)
             if size < 0:
-                raise _Rejected(self.error_response(
-                    400, "* ListModelsRequest.page_size: page_size must not be negative\n"))
+                raise _Rejected(
+                    self.error_response(
+                        400, "* ListModelsRequest.page_size: page_size must not be negative\n"
+                    )
+                )
             size = min(size or 50, 1000)  # the API's default page and its cap
             start = 0
             token = request.query.get("pageToken")
@@ -606,11 +865,12 @@ class GeminiStandIn(StandIn):
                 start = int(match.group(1))
         except _Rejected as rejected:
             return rejected.response
-        page = self.models[start:start + size]
+        page = self.models[start : start + size]
         body: dict[str, Any] = {"models": page}
         if start + size < len(self.models):
             body["nextPageToken"] = base64.urlsafe_b64encode(
-                f"models-offset:{start + size}".encode()).decode()
+                f"models-offset:{start + size}".encode()
+            ).decode()
         return self.json_response(body)
 
     async def _get_model(self, request: web.Request) -> web.Response:
@@ -622,9 +882,11 @@ class GeminiStandIn(StandIn):
         model = self.find_model(model_id)
         if model is None:
             return self.error_response(
-                404, f"models/{model_id} is not found for API version {API_VERSION}, or is not "
-                     "supported for get. Call ListModels to see the list of available models "
-                     "and their supported methods.")
+                404,
+                f"models/{model_id} is not found for API version {API_VERSION}, or is not "
+                "supported for get. Call ListModels to see the list of available models "
+                "and their supported methods.",
+            )
         return self.json_response(model)
 
     # ---- generation --------------------------------------------------------------------
@@ -634,16 +896,22 @@ class GeminiStandIn(StandIn):
         try:
             self._check_auth(request)
             if method not in ("generateContent", "streamGenerateContent"):
-                raise _Rejected(self.error_response(
-                    404, f"Method not found: models/{model_id}:{method}"))
+                raise _Rejected(
+                    self.error_response(404, f"Method not found: models/{model_id}:{method}")
+                )
             body = await self._parse_body(request)
             model = self.find_model(model_id)
             if model is None or "generateContent" not in model.get(
-                    "supportedGenerationMethods", ()):
-                raise _Rejected(self.error_response(
-                    404, f"models/{model_id} is not found for API version {API_VERSION}, or is "
-                         f"not supported for {method}. Call ListModels to see the list of "
-                         "available models and their supported methods."))
+                "supportedGenerationMethods", ()
+            ):
+                raise _Rejected(
+                    self.error_response(
+                        404,
+                        f"models/{model_id} is not found for API version {API_VERSION}, or is "
+                        f"not supported for {method}. Call ListModels to see the list of "
+                        "available models and their supported methods.",
+                    )
+                )
             self._validate(body, model)
             plan = self._plan(body, model, self.next_reply())
         except _Rejected as rejected:
@@ -659,7 +927,8 @@ class GeminiStandIn(StandIn):
             if raw.strip():
                 raise self._invalid_argument(
                     "Invalid JSON payload received. Unexpected token.",
-                    [("", "Invalid JSON payload received. Unexpected token.")])
+                    [("", "Invalid JSON payload received. Unexpected token.")],
+                )
             body = {}
         if not isinstance(body, dict):
             text = 'Invalid JSON payload received. Unknown name "": Root element must be a message.'
@@ -668,7 +937,8 @@ class GeminiStandIn(StandIn):
         parsed = parser.parse("GenerateContentRequest", body, "")
         if parser.violations:
             raise self._invalid_argument(
-                "\n".join(text for _, text in parser.violations), parser.violations)
+                "\n".join(text for _, text in parser.violations), parser.violations
+            )
         return parsed
 
     def _validate(self, body: dict[str, Any], model: dict[str, Any]) -> None:
@@ -686,23 +956,37 @@ class GeminiStandIn(StandIn):
                 raise _Rejected(self.error_response(400, "Please use a valid role: user, model."))
             parts = content.get("parts") or []
             if not parts:
-                problems.append(f"* GenerateContentRequest.contents[{i}].parts: contents.parts "
-                                "must not be empty.\n")
+                problems.append(
+                    f"* GenerateContentRequest.contents[{i}].parts: contents.parts "
+                    "must not be empty.\n"
+                )
             for j, part in enumerate(parts):
                 self._check_part(part or {}, f"contents[{i}].parts[{j}]", problems)
             calls = [p for p in parts if p and "functionCall" in p]
-            if calls and role == "model" and not (
-                    previous is not None and (previous.get("role") or "user") == "user"):
-                raise _Rejected(self.error_response(
-                    400, "Please ensure that function call turn comes immediately after a user "
-                         "turn or after a function response turn."))
+            if (
+                calls
+                and role == "model"
+                and not (previous is not None and (previous.get("role") or "user") == "user")
+            ):
+                raise _Rejected(
+                    self.error_response(
+                        400,
+                        "Please ensure that function call turn comes immediately after a user "
+                        "turn or after a function response turn.",
+                    )
+                )
             responses = [p for p in parts if p and "functionResponse" in p]
-            previous_calls = [p for p in (previous or {}).get("parts") or []
-                              if p and "functionCall" in p]
+            previous_calls = [
+                p for p in (previous or {}).get("parts") or [] if p and "functionCall" in p
+            ]
             if responses and previous_calls and len(responses) != len(previous_calls):
-                raise _Rejected(self.error_response(
-                    400, "Please ensure that the number of function response parts is equal to "
-                         "the number of function call parts of the function call turn."))
+                raise _Rejected(
+                    self.error_response(
+                        400,
+                        "Please ensure that the number of function response parts is equal to "
+                        "the number of function call parts of the function call turn.",
+                    )
+                )
             previous = content
         system = body.get("systemInstruction")
         for j, part in enumerate((system or {}).get("parts") or []):
@@ -716,22 +1000,31 @@ class GeminiStandIn(StandIn):
         prompt_tokens = sum(count_tokens(t) for t in texts) + IMAGE_TOKENS * images
         limit = int(model.get("inputTokenLimit") or 0)
         if limit and prompt_tokens > limit:
-            raise _Rejected(self.error_response(
-                400, f"The input token count ({prompt_tokens}) exceeds the maximum number of "
-                     f"tokens allowed ({limit})."))
+            raise _Rejected(
+                self.error_response(
+                    400,
+                    f"The input token count ({prompt_tokens}) exceeds the maximum number of "
+                    f"tokens allowed ({limit}).",
+                )
+            )
 
     def _check_part(self, part: dict[str, Any], path: str, problems: list[str]) -> None:
         where = f"* GenerateContentRequest.{path}"
-        data = [name for name in _PART_DATA
-                if name in part and part[name] is not None and part[name] != ""]
+        data = [
+            name
+            for name in _PART_DATA
+            if name in part and part[name] is not None and part[name] != ""
+        ]
         if not data:
             # proto3: an empty text is no text, so `{"text": ""}` is a part with no data.
-            problems.append(f"{where}.data: required oneof field 'data' must have one "
-                            "initialized field\n")
+            problems.append(
+                f"{where}.data: required oneof field 'data' must have one initialized field\n"
+            )
             return
         if len(data) > 1:
-            problems.append(f"{where}.data: oneof field 'data' is already set. Cannot set "
-                            f"'{_snake(data[1])}'\n")
+            problems.append(
+                f"{where}.data: oneof field 'data' is already set. Cannot set '{_snake(data[1])}'\n"
+            )
         blob = part.get("inlineData") or part.get("fileData")
         if blob is not None:
             kind = "inline_data" if "inlineData" in part else "file_data"
@@ -748,8 +1041,10 @@ class GeminiStandIn(StandIn):
                     problems.append(f"{where}.inline_data.data: data must not be empty\n")
                 elif mime in _SNIFFABLE and sniff_image(data_bytes) != mime:
                     raise _Rejected(self.error_response(400, _BAD_IMAGE))
-        for key, label in (("functionCall", "function_call"),
-                           ("functionResponse", "function_response")):
+        for key, label in (
+            ("functionCall", "function_call"),
+            ("functionResponse", "function_response"),
+        ):
             if key in part and not (part[key] or {}).get("name"):
                 problems.append(f"{where}.{label}.name: Name cannot be empty.\n")
 
@@ -764,42 +1059,56 @@ class GeminiStandIn(StandIn):
                     problems.append(
                         f"{where}.name: Invalid function name. Must start with a letter or an "
                         "underscore. Must be alphameric (a-z, A-Z, 0-9), underscores (_), dots "
-                        "(.), colons (:), or dashes (-), with a maximum length of 64.\n")
+                        "(.), colons (:), or dashes (-), with a maximum length of 64.\n"
+                    )
                 declared.append(name)
-                if declaration.get("parameters") is not None and declaration.get(
-                        "parametersJsonSchema") is not None:
-                    problems.append(f"{where}.parameters: parameters and parameters_json_schema "
-                                    "cannot both be set.\n")
+                if (
+                    declaration.get("parameters") is not None
+                    and declaration.get("parametersJsonSchema") is not None
+                ):
+                    problems.append(
+                        f"{where}.parameters: parameters and parameters_json_schema "
+                        "cannot both be set.\n"
+                    )
                 if declaration.get("parameters") is not None:
                     _check_schema(declaration["parameters"], f"{where}.parameters", problems)
         return declared
 
-    def _check_tool_config(self, body: dict[str, Any], declared: list[str],
-                           problems: list[str]) -> None:
+    def _check_tool_config(
+        self, body: dict[str, Any], declared: list[str], problems: list[str]
+    ) -> None:
         config = ((body.get("toolConfig") or {}).get("functionCallingConfig")) or {}
         where = "* GenerateContentRequest.tool_config.function_calling_config"
         mode = config.get("mode") or "AUTO"
         allowed = config.get("allowedFunctionNames") or []
         if allowed and mode not in ("ANY", "VALIDATED"):
-            problems.append(f"{where}.allowed_function_names: allowed_function_names is only "
-                            "allowed when mode is ANY or VALIDATED.\n")
+            problems.append(
+                f"{where}.allowed_function_names: allowed_function_names is only "
+                "allowed when mode is ANY or VALIDATED.\n"
+            )
         for k, name in enumerate(allowed):
             if name not in declared:
-                problems.append(f"{where}.allowed_function_names[{k}]: function \"{name}\" is "
-                                "not declared in tools.\n")
+                problems.append(
+                    f'{where}.allowed_function_names[{k}]: function "{name}" is '
+                    "not declared in tools.\n"
+                )
         if mode in ("ANY", "VALIDATED") and not declared:
-            problems.append(f"{where}.mode: function calling mode {mode} requires function "
-                            "declarations in tools.\n")
+            problems.append(
+                f"{where}.mode: function calling mode {mode} requires function "
+                "declarations in tools.\n"
+            )
 
-    def _check_generation_config(self, config: dict[str, Any], model: dict[str, Any],
-                                 problems: list[str]) -> None:
+    def _check_generation_config(
+        self, config: dict[str, Any], model: dict[str, Any], problems: list[str]
+    ) -> None:
         where = "* GenerateContentRequest.generation_config"
         ranges = {"temperature": (0.0, 2.0), "topP": (0.0, 1.0)}
         for name, (low, high) in ranges.items():
             value = _as_number(config.get(name))
             if value is not None and not low <= value <= high:
-                problems.append(f"{where}.{_snake(name)}: {_snake(name)} must be in the range "
-                                f"[{low}, {high}]\n")
+                problems.append(
+                    f"{where}.{_snake(name)}: {_snake(name)} must be in the range [{low}, {high}]\n"
+                )
         top_k = _as_number(config.get("topK"))
         if top_k is not None and top_k < 0:
             problems.append(f"{where}.top_k: top_k must be non-negative\n")
@@ -807,34 +1116,46 @@ class GeminiStandIn(StandIn):
         if candidates is not None and candidates < 0:
             problems.append(f"{where}.candidate_count: candidate_count must be positive\n")
         elif candidates is not None and candidates > 1:
-            raise _Rejected(self.error_response(
-                400, f"Multiple candidates is not enabled for {model['name']}"))
+            raise _Rejected(
+                self.error_response(400, f"Multiple candidates is not enabled for {model['name']}")
+            )
         max_tokens = _as_number(config.get("maxOutputTokens"))
         limit = int(model.get("outputTokenLimit") or 0)
         if max_tokens is not None and max_tokens < 0:
             problems.append(f"{where}.max_output_tokens: max_output_tokens must be positive\n")
         elif max_tokens is not None and limit and max_tokens > limit:
-            raise _Rejected(self.error_response(
-                400, f"Unable to submit request because it has a maxOutputTokens value of "
-                     f"{int(max_tokens)} but the supported range is from 1 (inclusive) to "
-                     f"{limit + 1} (exclusive). Update the value and try again."))
+            raise _Rejected(
+                self.error_response(
+                    400,
+                    f"Unable to submit request because it has a maxOutputTokens value of "
+                    f"{int(max_tokens)} but the supported range is from 1 (inclusive) to "
+                    f"{limit + 1} (exclusive). Update the value and try again.",
+                )
+            )
         if len(config.get("stopSequences") or []) > 5:
-            problems.append(f"{where}.stop_sequences: the number of stop_sequences must not "
-                            "exceed 5\n")
+            problems.append(
+                f"{where}.stop_sequences: the number of stop_sequences must not exceed 5\n"
+            )
         mime = config.get("responseMimeType")
         if mime and mime not in _RESPONSE_MIME_TYPES:
-            problems.append(f"{where}.response_mime_type: allowed mimetypes are `text/plain`, "
-                            "`application/json`, `application/xml`, `application/yaml` and "
-                            "`text/x.enum`.\n")
+            problems.append(
+                f"{where}.response_mime_type: allowed mimetypes are `text/plain`, "
+                "`application/json`, `application/xml`, `application/yaml` and "
+                "`text/x.enum`.\n"
+            )
         has_schema = config.get("responseSchema") is not None
         has_json_schema = config.get("responseJsonSchema") is not None
         if has_schema and has_json_schema:
-            problems.append(f"{where}.response_json_schema: response_schema and "
-                            "response_json_schema cannot both be set.\n")
+            problems.append(
+                f"{where}.response_json_schema: response_schema and "
+                "response_json_schema cannot both be set.\n"
+            )
         if (has_schema or has_json_schema) and mime not in ("application/json", "text/x.enum"):
             field_name = "response_schema" if has_schema else "response_json_schema"
-            problems.append(f"{where}.{field_name}: {field_name} requires response_mime_type to "
-                            "be `application/json` or `text/x.enum`.\n")
+            problems.append(
+                f"{where}.{field_name}: {field_name} requires response_mime_type to "
+                "be `application/json` or `text/x.enum`.\n"
+            )
         if has_schema:
             _check_schema(config["responseSchema"], f"{where}.response_schema", problems)
 
@@ -845,10 +1166,17 @@ class GeminiStandIn(StandIn):
         text_tokens = sum(count_tokens(t) for t in texts)
         prompt_tokens = text_tokens + IMAGE_TOKENS * images
         model_version = model["name"].removeprefix("models/")
-        plan = _Plan(text=None, calls=[], finish_reason="STOP", prompt_tokens=prompt_tokens,
-                     completion_tokens=0, model_version=model_version,
-                     response_id=self.new_id("standin-gemini-"), text_tokens=text_tokens,
-                     images=images)
+        plan = _Plan(
+            text=None,
+            calls=[],
+            finish_reason="STOP",
+            prompt_tokens=prompt_tokens,
+            completion_tokens=0,
+            model_version=model_version,
+            response_id=self.new_id("standin-gemini-"),
+            text_tokens=text_tokens,
+            images=images,
+        )
         if reply is not None:
             plan.chunks = reply.chunks
             plan.model_version = reply.model or model_version
@@ -873,7 +1201,7 @@ class GeminiStandIn(StandIn):
         max_tokens = _as_number((body.get("generationConfig") or {}).get("maxOutputTokens"))
         truncated = False
         if plan.text and max_tokens and count_tokens(plan.text) > max_tokens:
-            plan.text = "".join(words(plan.text)[:int(max_tokens)]).rstrip()
+            plan.text = "".join(words(plan.text)[: int(max_tokens)]).rstrip()
             truncated = True
         plan.finish_reason = scripted_reason or ("MAX_TOKENS" if truncated else "STOP")
         if plan.finish_reason in _BLOCKED_OUTPUT:
@@ -882,7 +1210,8 @@ class GeminiStandIn(StandIn):
             if not plan.stream_text:
                 plan.text = None
         plan.completion_tokens = count_tokens(plan.text or "") + sum(
-            count_tokens(_json_text(call.arguments)) for call in plan.calls)
+            count_tokens(_json_text(call.arguments)) for call in plan.calls
+        )
         if reply is not None and reply.completion_tokens is not None:
             plan.completion_tokens = reply.completion_tokens
         return plan
@@ -899,14 +1228,17 @@ class GeminiStandIn(StandIn):
             usage["promptTokensDetails"] = details
         return usage
 
-    def _envelope(self, plan: _Plan, candidate: dict[str, Any] | None,
-                  completion_tokens: int) -> dict[str, Any]:
+    def _envelope(
+        self, plan: _Plan, candidate: dict[str, Any] | None, completion_tokens: int
+    ) -> dict[str, Any]:
         body: dict[str, Any] = {}
         if candidate is not None:
             body["candidates"] = [candidate]
         else:
-            body["promptFeedback"] = {"blockReason": plan.block_reason,
-                                      "safetyRatings": _safety_ratings(blocked=True)}
+            body["promptFeedback"] = {
+                "blockReason": plan.block_reason,
+                "safetyRatings": _safety_ratings(blocked=True),
+            }
         body["usageMetadata"] = self._usage(plan, completion_tokens)
         body["modelVersion"] = plan.model_version
         body["responseId"] = plan.response_id
@@ -953,12 +1285,14 @@ class GeminiStandIn(StandIn):
         finish = not (fault is not None and fault.kind == "no_terminator")
         chunks = self._stream_chunks(plan, finish=finish)
         if request.query.get("alt") == "sse":
-            writer = await self.open_stream(request, crlf=True,
-                                            error_event=self._stream_error_event)
+            writer = await self.open_stream(
+                request, crlf=True, error_event=self._stream_error_event
+            )
             end_marker = None
         else:
-            response = web.StreamResponse(status=200, headers={
-                "Content-Type": "application/json; charset=UTF-8"})
+            response = web.StreamResponse(
+                status=200, headers={"Content-Type": "application/json; charset=UTF-8"}
+            )
             request[RESPONSE] = response
             await response.prepare(request)
             writer = _JsonArrayWriter(self, request, response)
@@ -1026,8 +1360,14 @@ def _last_turn_results(body: dict[str, Any]) -> list[str] | None:
     for result in results:
         response = result.get("response") or {}
         # The documented convention is {"output": ...} (or {"error": ...}); show that value.
-        value = next((response[k] for k in ("output", "result", "content", "error")
-                      if isinstance(response.get(k), str)), None)
+        value = next(
+            (
+                response[k]
+                for k in ("output", "result", "content", "error")
+                if isinstance(response.get(k), str)
+            ),
+            None,
+        )
         texts.append(value if value is not None else _json_text(response))
     return texts
 
@@ -1035,8 +1375,12 @@ def _last_turn_results(body: dict[str, Any]) -> list[str] | None:
 def _default_call(body: dict[str, Any]) -> ToolCallSpec | None:
     """The function call the stand-in makes: the forced one, else the first declared, unless
     calling is off or the conversation ends with function results."""
-    declarations = [d for tool in body.get("tools") or []
-                    for d in (tool or {}).get("functionDeclarations") or [] if d]
+    declarations = [
+        d
+        for tool in body.get("tools") or []
+        for d in (tool or {}).get("functionDeclarations") or []
+        if d
+    ]
     config = ((body.get("toolConfig") or {}).get("functionCallingConfig")) or {}
     if not declarations or config.get("mode") == "NONE" or _last_turn_results(body) is not None:
         return None
@@ -1046,8 +1390,9 @@ def _default_call(body: dict[str, Any]) -> ToolCallSpec | None:
     if schema is None:
         schema = chosen.get("parameters")
     arguments = sample_from_schema(schema) if schema is not None else {}
-    return ToolCallSpec(name=chosen["name"], arguments=arguments if isinstance(
-        arguments, dict) else {})
+    return ToolCallSpec(
+        name=chosen["name"], arguments=arguments if isinstance(arguments, dict) else {}
+    )
 
 
 def _default_text(body: dict[str, Any], images: int) -> str:
@@ -1055,9 +1400,12 @@ def _default_text(body: dict[str, Any], images: int) -> str:
     if results is not None:
         text = "Tool result received: " + "; ".join(results)
     else:
-        user_texts = [(p or {}).get("text") or ""
-                      for c in body.get("contents") or [] if (c or {}).get("role") != "model"
-                      for p in (c or {}).get("parts") or []]
+        user_texts = [
+            (p or {}).get("text") or ""
+            for c in body.get("contents") or []
+            if (c or {}).get("role") != "model"
+            for p in (c or {}).get("parts") or []
+        ]
         text = echo_text("gemini", last_user_text(user_texts))
         if images:
             text += f" (saw {images} image(s))"
@@ -1100,7 +1448,9 @@ def _safety_ratings(*, blocked: bool) -> list[dict[str, Any]]:
         {"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "NEGLIGIBLE"},
     ]
     if blocked:
-        ratings[-1] = {"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "HIGH",
-                       "blocked": True}
+        ratings[-1] = {
+            "category": "HARM_CATEGORY_DANGEROUS_CONTENT",
+            "probability": "HIGH",
+            "blocked": True,
+        }
     return ratings
-

@@ -66,28 +66,76 @@ class OpenAIModel:
 DEFAULT_MODELS: tuple[OpenAIModel, ...] = (
     OpenAIModel("gpt-4o-mini", version="gpt-4o-mini-2024-07-18", created=1721172741),
     OpenAIModel("gpt-4o", version="gpt-4o-2024-08-06", created=1715367049),
-    OpenAIModel("gpt-4.1-nano", context_window=1_047_576, max_output_tokens=32_768,
-                version="gpt-4.1-nano-2025-04-14", created=1744321707),
-    OpenAIModel("text-embedding-3-small", context_window=8191, max_output_tokens=0, chat=False,
-                created=1705948997),
-    OpenAIModel("dall-e-3", context_window=4000, max_output_tokens=0, chat=False,
-                created=1698785189),
+    OpenAIModel(
+        "gpt-4.1-nano",
+        context_window=1_047_576,
+        max_output_tokens=32_768,
+        version="gpt-4.1-nano-2025-04-14",
+        created=1744321707,
+    ),
+    OpenAIModel(
+        "text-embedding-3-small",
+        context_window=8191,
+        max_output_tokens=0,
+        chat=False,
+        created=1705948997,
+    ),
+    OpenAIModel(
+        "dall-e-3", context_window=4000, max_output_tokens=0, chat=False, created=1698785189
+    ),
     # A window small enough that a test can overflow it with a sentence.
-    OpenAIModel("standin-tiny-context", context_window=64, max_output_tokens=64,
-                version="standin-tiny-context-2025-01-01", owned_by="pluggably",
-                created=1735689600),
+    OpenAIModel(
+        "standin-tiny-context",
+        context_window=64,
+        max_output_tokens=64,
+        version="standin-tiny-context-2025-01-01",
+        owned_by="pluggably",
+        created=1735689600,
+    ),
 )
 
 # Every top-level argument the real endpoint knows; anything else is a 400.
-KNOWN_ARGUMENTS = frozenset({
-    "model", "messages", "audio", "frequency_penalty", "function_call", "functions",
-    "logit_bias", "logprobs", "max_completion_tokens", "max_tokens", "metadata", "modalities",
-    "moderation", "n", "parallel_tool_calls", "prediction", "presence_penalty",
-    "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention", "reasoning_effort",
-    "response_format", "safety_identifier", "seed", "service_tier", "stop", "store", "stream",
-    "stream_options", "temperature", "tool_choice", "tools", "top_logprobs", "top_p", "user",
-    "verbosity", "web_search_options",
-})
+KNOWN_ARGUMENTS = frozenset(
+    {
+        "model",
+        "messages",
+        "audio",
+        "frequency_penalty",
+        "function_call",
+        "functions",
+        "logit_bias",
+        "logprobs",
+        "max_completion_tokens",
+        "max_tokens",
+        "metadata",
+        "modalities",
+        "moderation",
+        "n",
+        "parallel_tool_calls",
+        "prediction",
+        "presence_penalty",
+        "prompt_cache_key",
+        "prompt_cache_options",
+        "prompt_cache_retention",
+        "reasoning_effort",
+        "response_format",
+        "safety_identifier",
+        "seed",
+        "service_tier",
+        "stop",
+        "store",
+        "stream",
+        "stream_options",
+        "temperature",
+        "tool_choice",
+        "tools",
+        "top_logprobs",
+        "top_p",
+        "user",
+        "verbosity",
+        "web_search_options",
+    }
+)
 
 ROLES = ("system", "assistant", "user", "function", "tool", "developer")
 _MESSAGE_KEYS = {
@@ -164,8 +212,9 @@ def _error_kind(status: int, error_type: str | None) -> tuple[str, str | None]:
     return _ERROR_KINDS[_STATUS_KINDS.get(status, "invalid_request_error")]
 
 
-def error_body(message: str, type_: str, param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, type_: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     """OpenAI's error object, as both HTTP error bodies and in-stream error chunks carry it."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
@@ -173,8 +222,15 @@ def error_body(message: str, type_: str, param: str | None = None,
 class RequestRejected(Exception):
     """A request the real API would refuse: carries the status and error fields to answer."""
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 status: int = 400, type_: str = "invalid_request_error") -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        status: int = 400,
+        type_: str = "invalid_request_error",
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
@@ -184,10 +240,6 @@ class RequestRejected(Exception):
 
 
 # ---- JSON-schema helpers -------------------------------------------------------------------
-
-
-
-
 
 
 def strict_schema_problem(schema: Any) -> str | None:
@@ -203,15 +255,20 @@ def strict_schema_problem(schema: Any) -> str | None:
         if _schema_type(node) != "object":
             continue
         if node.get("additionalProperties") is not False:
-            return (f"In context={path!r}, 'additionalProperties' is required to be supplied "
-                    "and to be false.")
+            return (
+                f"In context={path!r}, 'additionalProperties' is required to be supplied "
+                "and to be false."
+            )
         properties = node.get("properties") or {}
         required = node.get("required")
-        missing = [name for name in properties
-                   if not isinstance(required, list) or name not in required]
+        missing = [
+            name for name in properties if not isinstance(required, list) or name not in required
+        ]
         if missing:
-            return (f"In context={path!r}, 'required' is required to be supplied and to be an "
-                    f"array including every key in properties. Missing '{missing[0]}'.")
+            return (
+                f"In context={path!r}, 'required' is required to be supplied and to be an "
+                f"array including every key in properties. Missing '{missing[0]}'."
+            )
     return None
 
 
@@ -242,8 +299,14 @@ def _schema_nodes(node: Any, path: tuple[str, ...]) -> Iterator[tuple[tuple[str,
 
 # ---- request validation --------------------------------------------------------------------
 
-_TYPE_NAMES = {"string": "a string", "integer": "an integer", "number": "a decimal",
-               "boolean": "a boolean", "object": "an object", "array": "an array"}
+_TYPE_NAMES = {
+    "string": "a string",
+    "integer": "an integer",
+    "number": "a decimal",
+    "boolean": "a boolean",
+    "object": "an object",
+    "array": "an array",
+}
 
 
 def _describe(value: Any) -> str:
@@ -267,15 +330,17 @@ def _is(value: Any, kind: str) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if kind == "number":
         return isinstance(value, int | float) and not isinstance(value, bool)
-    return isinstance(value, {"string": str, "boolean": bool, "object": dict,
-                              "array": list}[kind])
+    return isinstance(value, {"string": str, "boolean": bool, "object": dict, "array": list}[kind])
 
 
 def _expect(value: Any, kind: str, param: str) -> None:
     if not _is(value, kind):
         raise RequestRejected(
             f"Invalid type for '{param}': expected {_TYPE_NAMES[kind]}, but got "
-            f"{_describe(value)} instead.", param=param, code="invalid_type")
+            f"{_describe(value)} instead.",
+            param=param,
+            code="invalid_type",
+        )
 
 
 def _expect_range(value: float, param: str, low: float | None, high: float | None) -> None:
@@ -283,30 +348,43 @@ def _expect_range(value: float, param: str, low: float | None, high: float | Non
     if low is not None and value < low:
         raise RequestRejected(
             f"Invalid '{param}': {noun} below minimum value. Expected a value >= {low}, but "
-            f"got {value} instead.", param=param, code=f"{noun}_below_min_value")
+            f"got {value} instead.",
+            param=param,
+            code=f"{noun}_below_min_value",
+        )
     if high is not None and value > high:
         raise RequestRejected(
             f"Invalid '{param}': {noun} above maximum value. Expected a value <= {high}, but "
-            f"got {value} instead.", param=param, code=f"{noun}_above_max_value")
+            f"got {value} instead.",
+            param=param,
+            code=f"{noun}_above_max_value",
+        )
 
 
 def _expect_choice(value: Any, allowed: Sequence[str], param: str) -> None:
     if value not in allowed:
         quoted = [f"'{a}'" for a in allowed]
         listed = quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + f", and {quoted[-1]}"
-        raise RequestRejected(f"Invalid value: {value!r}. Supported values are: {listed}.",
-                              param=param, code="invalid_value")
+        raise RequestRejected(
+            f"Invalid value: {value!r}. Supported values are: {listed}.",
+            param=param,
+            code="invalid_value",
+        )
 
 
 def _missing(param: str) -> RequestRejected:
-    return RequestRejected(f"Missing required parameter: '{param}'.", param=param,
-                           code="missing_required_parameter")
+    return RequestRejected(
+        f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter"
+    )
 
 
 def _empty_array(param: str) -> RequestRejected:
     return RequestRejected(
         f"Invalid '{param}': empty array. Expected an array with minimum length 1, but got an "
-        "empty array instead.", param=param, code="empty_array")
+        "empty array instead.",
+        param=param,
+        code="empty_array",
+    )
 
 
 @dataclass
@@ -337,8 +415,11 @@ def _text_of(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content
-                       if isinstance(p, dict) and isinstance(p.get("text"), str))
+        return "".join(
+            p.get("text", "")
+            for p in content
+            if isinstance(p, dict) and isinstance(p.get("text"), str)
+        )
     return ""
 
 
@@ -359,7 +440,8 @@ class _RequestReader:
                 raise RequestRejected(f"Unrecognized request argument supplied: {unknown[0]}")
             if unknown:
                 raise RequestRejected(
-                    f"Unrecognized request arguments supplied: {', '.join(unknown)}")
+                    f"Unrecognized request arguments supplied: {', '.join(unknown)}"
+                )
         if body.get("model") is None:
             raise RequestRejected("you must provide a model parameter")
         _expect(body["model"], "string", "model")
@@ -375,7 +457,8 @@ class _RequestReader:
             if not stream:
                 raise RequestRejected(
                     "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
-                    param="stream_options")
+                    param="stream_options",
+                )
             _expect(stream_options, "object", "stream_options")
             for key in ("include_usage", "include_obfuscation"):
                 if stream_options.get(key) is not None:
@@ -388,18 +471,28 @@ class _RequestReader:
         response_format = self._read_response_format(body.get("response_format"))
 
         request = ChatRequest(
-            body=body, model=OpenAIModel(body["model"]), stream=stream,
+            body=body,
+            model=OpenAIModel(body["model"]),
+            stream=stream,
             include_usage=stream_options.get("include_usage") is True,
             include_obfuscation=stream_options.get("include_obfuscation") is not False,
-            max_tokens=max_tokens, stop=stop, tools=tools, tool_choice=tool_choice,
+            max_tokens=max_tokens,
+            stop=stop,
+            tools=tools,
+            tool_choice=tool_choice,
             response_format=response_format,
         )
         self._read_messages(body["messages"], request)
-        if response_format and response_format["type"] == "json_object" and not any(
-                "json" in text.lower() for text in request.prompt_texts):
+        if (
+            response_format
+            and response_format["type"] == "json_object"
+            and not any("json" in text.lower() for text in request.prompt_texts)
+        ):
             raise RequestRejected(
                 "'messages' must contain the word 'json' in some form, to use 'response_format' "
-                "of type 'json_object'.", param="messages")
+                "of type 'json_object'.",
+                param="messages",
+            )
         request.model = self._read_model(body["model"])
         self._check_budget(request)
         return request
@@ -415,8 +508,12 @@ class _RequestReader:
 
     @staticmethod
     def _read_sampling(body: dict[str, Any]) -> int | None:
-        ranges = {"temperature": (0, 2), "top_p": (0, 1), "presence_penalty": (-2, 2),
-                  "frequency_penalty": (-2, 2)}
+        ranges = {
+            "temperature": (0, 2),
+            "top_p": (0, 1),
+            "presence_penalty": (-2, 2),
+            "frequency_penalty": (-2, 2),
+        }
         for name, (low, high) in ranges.items():
             if body.get(name) is not None:
                 _expect(body[name], "number", name)
@@ -440,15 +537,20 @@ class _RequestReader:
             if body["n"] != 1:
                 raise RequestRejected(
                     f"Unsupported value: 'n' does not support {body['n']} with this model. "
-                    "Only the default (1) value is supported.", param="n",
-                    code="unsupported_value")
+                    "Only the default (1) value is supported.",
+                    param="n",
+                    code="unsupported_value",
+                )
         if body.get("logit_bias") is not None:
             _expect(body["logit_bias"], "object", "logit_bias")
             for token, bias in body["logit_bias"].items():
                 if not token.isdigit():
                     raise RequestRejected(
                         f"Invalid key in 'logit_bias': {token}. You should only be submitting "
-                        "non-negative integers.", param="logit_bias", code="invalid_value")
+                        "non-negative integers.",
+                        param="logit_bias",
+                        code="invalid_value",
+                    )
                 _expect(bias, "number", f"logit_bias.{token}")
                 _expect_range(bias, f"logit_bias.{token}", -100, 100)
 
@@ -456,7 +558,10 @@ class _RequestReader:
         if len(limits) == 2:
             raise RequestRejected(
                 "Setting 'max_tokens' and 'max_completion_tokens' at the same time is not "
-                "supported.", param="max_tokens", code="invalid_parameter_combination")
+                "supported.",
+                param="max_tokens",
+                code="invalid_parameter_combination",
+            )
         if not limits:
             return None
         name = limits[0]
@@ -473,12 +578,17 @@ class _RequestReader:
         if not isinstance(stop, list):
             raise RequestRejected(
                 f"Invalid type for 'stop': expected one of a string or array of strings, but got "
-                f"{_describe(stop)} instead.", param="stop", code="invalid_type")
+                f"{_describe(stop)} instead.",
+                param="stop",
+                code="invalid_type",
+            )
         if len(stop) > 4:
             raise RequestRejected(
                 "Invalid 'stop': array too long. Expected an array with maximum length 4, but "
-                f"got an array with length {len(stop)} instead.", param="stop",
-                code="array_above_max_length")
+                f"got an array with length {len(stop)} instead.",
+                param="stop",
+                code="array_above_max_length",
+            )
         for i, item in enumerate(stop):
             _expect(item, "string", f"stop[{i}]")
         return [s for s in stop if s]
@@ -491,8 +601,10 @@ class _RequestReader:
         if len(tools) > 128:
             raise RequestRejected(
                 "Invalid 'tools': array too long. Expected an array with maximum length 128, but "
-                f"got an array with length {len(tools)} instead.", param="tools",
-                code="array_above_max_length")
+                f"got an array with length {len(tools)} instead.",
+                param="tools",
+                code="array_above_max_length",
+            )
         functions = []
         for i, tool in enumerate(tools):
             where = f"tools[{i}]"
@@ -512,7 +624,9 @@ class _RequestReader:
                 raise RequestRejected(
                     f"Invalid '{where}.function.name': string does not match pattern. Expected a "
                     "string that matches the pattern '^[a-zA-Z0-9_-]+$'.",
-                    param=f"{where}.function.name", code="invalid_value")
+                    param=f"{where}.function.name",
+                    code="invalid_value",
+                )
             parameters = function.get("parameters")
             if parameters is not None:
                 _expect(parameters, "object", f"{where}.function.parameters")
@@ -521,7 +635,9 @@ class _RequestReader:
                 if problem:
                     raise RequestRejected(
                         f"Invalid schema for function '{name}': {problem}",
-                        param=f"{where}.function.parameters", code="invalid_function_parameters")
+                        param=f"{where}.function.parameters",
+                        code="invalid_function_parameters",
+                    )
             functions.append(function)
         return functions
 
@@ -533,7 +649,9 @@ class _RequestReader:
                 if body.get(name) is not None:
                     raise RequestRejected(
                         f"Invalid value for '{name}': '{name}' is only allowed when 'tools' are "
-                        "specified.", param=name)
+                        "specified.",
+                        param=name,
+                    )
             return "none"
         if choice is None:
             return "auto"
@@ -549,7 +667,10 @@ class _RequestReader:
         if not any(f["name"] == name for f in tools):
             raise RequestRejected(
                 f"Invalid value for 'tool_choice': function '{name}' is not one of the functions "
-                "in 'tools'.", param="tool_choice", code="invalid_value")
+                "in 'tools'.",
+                param="tool_choice",
+                code="invalid_value",
+            )
         return choice
 
     @staticmethod
@@ -559,8 +680,9 @@ class _RequestReader:
         _expect(response_format, "object", "response_format")
         if response_format.get("type") is None:
             raise _missing("response_format.type")
-        _expect_choice(response_format["type"], ("text", "json_object", "json_schema"),
-                       "response_format.type")
+        _expect_choice(
+            response_format["type"], ("text", "json_object", "json_schema"), "response_format.type"
+        )
         if response_format["type"] == "text":
             return None
         if response_format["type"] == "json_schema":
@@ -576,7 +698,9 @@ class _RequestReader:
                 raise RequestRejected(
                     "Invalid 'response_format.json_schema.name': string does not match pattern. "
                     "Expected a string that matches the pattern '^[a-zA-Z0-9_-]+$'.",
-                    param="response_format.json_schema.name", code="invalid_value")
+                    param="response_format.json_schema.name",
+                    code="invalid_value",
+                )
             if spec.get("schema") is not None:
                 _expect(spec["schema"], "object", "response_format.json_schema.schema")
             if spec.get("strict") is True:
@@ -584,7 +708,8 @@ class _RequestReader:
                 if problem:
                     raise RequestRejected(
                         f"Invalid schema for response_format '{name}': {problem}",
-                        param="response_format")
+                        param="response_format",
+                    )
         return response_format
 
     # -- messages --
@@ -604,13 +729,16 @@ class _RequestReader:
             if extra:
                 raise RequestRejected(
                     f"Additional properties are not allowed ('{extra[0]}' was unexpected) - "
-                    f"'messages.{i}'")
+                    f"'messages.{i}'"
+                )
 
             if role == "tool":
                 if open_calls is None:
                     raise RequestRejected(
                         "Invalid parameter: messages with role 'tool' must be a response to a "
-                        "preceeding message with 'tool_calls'.", param=f"messages.[{i}].role")
+                        "preceeding message with 'tool_calls'.",
+                        param=f"messages.[{i}].role",
+                    )
                 call_id = message.get("tool_call_id")
                 if call_id is None:
                     raise _missing(f"{where}.tool_call_id")
@@ -618,7 +746,9 @@ class _RequestReader:
                 if call_id not in open_calls[1]:
                     raise RequestRejected(
                         f"Invalid parameter: 'tool_call_id' of '{call_id}' not found in "
-                        "'tool_calls' of previous message.", param=f"messages.[{i}].tool_call_id")
+                        "'tool_calls' of previous message.",
+                        param=f"messages.[{i}].tool_call_id",
+                    )
                 answered.add(call_id)
             else:
                 self._check_answered(open_calls, answered)
@@ -626,7 +756,9 @@ class _RequestReader:
 
             calls = self._read_tool_calls(message, where) if role == "assistant" else []
             content = message.get("content")
-            if content is None and not (role == "assistant" and (calls or "function_call" in message)):
+            if content is None and not (
+                role == "assistant" and (calls or "function_call" in message)
+            ):
                 raise _missing(f"{where}.content")
             if content is not None:
                 self._read_content(content, role, where, request)
@@ -654,7 +786,9 @@ class _RequestReader:
             raise RequestRejected(
                 "An assistant message with 'tool_calls' must be followed by tool messages "
                 "responding to each 'tool_call_id'. The following tool_call_ids did not have "
-                f"response messages: {', '.join(missing)}", param=f"messages.[{open_calls[0]}].role")
+                f"response messages: {', '.join(missing)}",
+                param=f"messages.[{open_calls[0]}].role",
+            )
 
     @staticmethod
     def _read_tool_calls(message: dict[str, Any], where: str) -> list[dict[str, Any]]:
@@ -686,8 +820,10 @@ class _RequestReader:
         if not isinstance(content, list):
             raise RequestRejected(
                 f"Invalid type for '{where}.content': expected one of a string or array of "
-                f"objects, but got {_describe(content)} instead.", param=f"{where}.content",
-                code="invalid_type")
+                f"objects, but got {_describe(content)} instead.",
+                param=f"{where}.content",
+                code="invalid_type",
+            )
         if not content:
             raise _empty_array(f"{where}.content")
         for k, part in enumerate(content):
@@ -700,7 +836,9 @@ class _RequestReader:
                 raise RequestRejected(
                     f"Invalid '{where}'. Image URLs are only allowed for messages with role "
                     f"'user', but this message with role '{role}' contains an image URL.",
-                    param=where, code="invalid_value")
+                    param=where,
+                    code="invalid_value",
+                )
             _expect_choice(kind, _PART_TYPES[role], f"{at}.type")
             if kind in ("text", "refusal"):
                 if part.get(kind) is None:
@@ -728,7 +866,10 @@ class _RequestReader:
         if match is None:
             raise RequestRejected(
                 f"Invalid '{at}.url': Expected a valid URL, but got a value with an invalid "
-                "format.", param=f"{at}.url", code="invalid_value")
+                "format.",
+                param=f"{at}.url",
+                code="invalid_value",
+            )
         media_type, is_base64, data = match.groups()
         if media_type not in IMAGE_MEDIA_TYPES or not is_base64:
             raise RequestRejected(_UNSUPPORTED_IMAGE, code="invalid_image_format")
@@ -737,7 +878,8 @@ class _RequestReader:
         except (binascii.Error, ValueError):
             raise RequestRejected(
                 "You uploaded an unsupported image. Please make sure your image is valid.",
-                code="invalid_image_format") from None
+                code="invalid_image_format",
+            ) from None
         if sniff_image(decoded) is None:
             raise RequestRejected(_UNSUPPORTED_IMAGE, code="invalid_image_format")
 
@@ -748,37 +890,49 @@ class _RequestReader:
         if model is None:
             raise RequestRejected(
                 f"The model `{name}` does not exist or you do not have access to it.",
-                status=404, code="model_not_found")
+                status=404,
+                code="model_not_found",
+            )
         if not model.chat:
             raise RequestRejected(
                 "This is not a chat model and thus not supported in the v1/chat/completions "
-                "endpoint. Did you mean to use v1/completions?", status=404, param="model")
+                "endpoint. Did you mean to use v1/completions?",
+                status=404,
+                param="model",
+            )
         return model
 
     @staticmethod
     def _check_budget(request: ChatRequest) -> None:
         model, wanted, prompt = request.model, request.max_tokens, request.prompt_tokens
         if wanted is not None and wanted > model.max_output_tokens:
-            name = ("max_tokens" if request.body.get("max_tokens") is not None
-                    else "max_completion_tokens")
+            name = (
+                "max_tokens"
+                if request.body.get("max_tokens") is not None
+                else "max_completion_tokens"
+            )
             raise RequestRejected(
                 f"{name} is too large: {wanted}. This model supports at most "
                 f"{model.max_output_tokens} completion tokens, whereas you provided {wanted}.",
-                param=name, code="invalid_value")
+                param=name,
+                code="invalid_value",
+            )
         window = model.context_window
         if wanted is not None and prompt + wanted > window:
             raise RequestRejected(
                 f"This model's maximum context length is {window} tokens. However, you requested "
                 f"{prompt + wanted} tokens ({prompt} in the messages, {wanted} in the "
                 "completion). Please reduce the length of the messages or completion.",
-                param="messages", code="context_length_exceeded")
+                param="messages",
+                code="context_length_exceeded",
+            )
         if prompt > window:
             raise RequestRejected(
                 f"This model's maximum context length is {window} tokens. However, your messages "
                 f"resulted in {prompt} tokens. Please reduce the length of the messages.",
-                param="messages", code="context_length_exceeded")
-
-
+                param="messages",
+                code="context_length_exceeded",
+            )
 
 
 # ---- answers -------------------------------------------------------------------------------
@@ -803,8 +957,10 @@ class Completion:
             "total_tokens": self.prompt_tokens + self.completion_tokens,
             "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
             "completion_tokens_details": {
-                "reasoning_tokens": 0, "audio_tokens": 0,
-                "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0,
+                "reasoning_tokens": 0,
+                "audio_tokens": 0,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0,
             },
         }
 
@@ -842,9 +998,14 @@ class OpenAIStandIn(StandIn):
     provider = "openai"
     system_fingerprint = "fp_0aa8d3e20b"
 
-    def __init__(self, *, api_key: str | None = "test-key", chunk_delay_s: float = 0.0,
-                 models: Iterable[OpenAIModel] | None = None,
-                 reject_unknown_fields: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        api_key: str | None = "test-key",
+        chunk_delay_s: float = 0.0,
+        models: Iterable[OpenAIModel] | None = None,
+        reject_unknown_fields: bool = True,
+    ) -> None:
         super().__init__(api_key=api_key, chunk_delay_s=chunk_delay_s)
         self.models: list[OpenAIModel] = list(DEFAULT_MODELS if models is None else models)
         self.reject_unknown_fields = reject_unknown_fields
@@ -875,15 +1036,23 @@ class OpenAIStandIn(StandIn):
 
     # ---- errors ----------------------------------------------------------------------------
 
-    def error_response(self, status: int, message: str, *, error_type: str | None = None,
-                       retry_after: float | None = None) -> web.Response:
+    def error_response(
+        self,
+        status: int,
+        message: str,
+        *,
+        error_type: str | None = None,
+        retry_after: float | None = None,
+    ) -> web.Response:
         if message == _DEFAULT_MESSAGES.get(status) and status in _OPENAI_MESSAGES:
             message = _OPENAI_MESSAGES[status]
         type_, code = _error_kind(status, error_type)
         if code == "insufficient_quota" and message == _OPENAI_MESSAGES.get(429):
-            message = ("You exceeded your current quota, please check your plan and billing "
-                       "details. For more information on this error, read the docs: "
-                       "https://platform.openai.com/docs/guides/error-codes/api-errors.")
+            message = (
+                "You exceeded your current quota, please check your plan and billing "
+                "details. For more information on this error, read the docs: "
+                "https://platform.openai.com/docs/guides/error-codes/api-errors."
+            )
         headers = {}
         if retry_after is not None:
             # The SDK prefers the millisecond header; plain HTTP clients read Retry-After.
@@ -891,16 +1060,25 @@ class OpenAIStandIn(StandIn):
             headers["retry-after-ms"] = str(max(0, round(retry_after * 1000)))
         return self._error(status, message, type_=type_, code=code, headers=headers)
 
-    def _error(self, status: int, message: str, *, type_: str = "invalid_request_error",
-               param: str | None = None, code: str | None = None,
-               headers: dict[str, str] | None = None) -> web.Response:
+    def _error(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> web.Response:
         return web.Response(
             body=orjson.dumps(error_body(message, type_, param, code), option=orjson.OPT_INDENT_2),
-            status=status, content_type="application/json", headers=headers)
+            status=status,
+            content_type="application/json",
+            headers=headers,
+        )
 
     def _rejected(self, err: RequestRejected) -> web.Response:
-        return self._error(err.status, err.message, type_=err.type, param=err.param,
-                           code=err.code)
+        return self._error(err.status, err.message, type_=err.type, param=err.param, code=err.code)
 
     def _stream_error_event(self, fault: Fault) -> bytes:
         type_, code = _error_kind(fault.status, fault.error_type or "server_error")
@@ -917,8 +1095,11 @@ class OpenAIStandIn(StandIn):
         if key != self.api_key:
             shown = key if len(key) <= 8 else key[:3] + "*" * (len(key) - 7) + key[-4:]
             return self._error(
-                401, f"Incorrect API key provided: {shown}. You can find your API key at "
-                "https://platform.openai.com/account/api-keys.", code="invalid_api_key")
+                401,
+                f"Incorrect API key provided: {shown}. You can find your API key at "
+                "https://platform.openai.com/account/api-keys.",
+                code="invalid_api_key",
+            )
         return None
 
     async def _invalid_url(self, request: web.Request) -> web.Response:
@@ -928,8 +1109,12 @@ class OpenAIStandIn(StandIn):
 
     @staticmethod
     def _model_object(model: OpenAIModel) -> dict[str, Any]:
-        return {"id": model.id, "object": "model", "created": model.created,
-                "owned_by": model.owned_by}
+        return {
+            "id": model.id,
+            "object": "model",
+            "created": model.created,
+            "owned_by": model.owned_by,
+        }
 
     async def _list_models(self, request: web.Request) -> web.Response:
         # The endpoint is not paginated: one page holds every model (the SDK's SyncPage says so).
@@ -945,14 +1130,16 @@ class OpenAIStandIn(StandIn):
         name = request.match_info["model"]
         model = next((m for m in self.models if m.id == name), None)
         if model is None:
-            return self._error(404, f"The model '{name}' does not exist", param="model",
-                               code="model_not_found")
+            return self._error(
+                404, f"The model '{name}' does not exist", param="model", code="model_not_found"
+            )
         return self._json(self._model_object(model))
 
     def _json(self, data: Any) -> web.Response:
         # The real API pretty-prints its unary bodies.
-        return web.Response(body=orjson.dumps(data, option=orjson.OPT_INDENT_2),
-                            content_type="application/json")
+        return web.Response(
+            body=orjson.dumps(data, option=orjson.OPT_INDENT_2), content_type="application/json"
+        )
 
     # ---- chat completions ------------------------------------------------------------------
 
@@ -993,12 +1180,17 @@ class OpenAIStandIn(StandIn):
             content, finish = self._limit(content or "", chat)
 
         completion_tokens = count_tokens(content or "") + sum(
-            count_tokens(c["function"]["arguments"]) for c in calls)
+            count_tokens(c["function"]["arguments"]) for c in calls
+        )
         return Completion(
-            content=content, tool_calls=calls, finish_reason=finish,
-            prompt_tokens=chat.prompt_tokens if reply.prompt_tokens is None
+            content=content,
+            tool_calls=calls,
+            finish_reason=finish,
+            prompt_tokens=chat.prompt_tokens
+            if reply.prompt_tokens is None
             else reply.prompt_tokens,
-            completion_tokens=completion_tokens if reply.completion_tokens is None
+            completion_tokens=completion_tokens
+            if reply.completion_tokens is None
             else reply.completion_tokens,
             model=reply.model or chat.model.version or chat.model.id,
             chunks=reply.chunks,
@@ -1006,8 +1198,11 @@ class OpenAIStandIn(StandIn):
 
     def _default_output(self, chat: ChatRequest) -> tuple[str | None, list[dict[str, Any]]]:
         choice = chat.tool_choice
-        wants_tool = choice in ("required",) or isinstance(choice, dict) or (
-            choice == "auto" and not chat.trailing_tool_results)
+        wants_tool = (
+            choice in ("required",)
+            or isinstance(choice, dict)
+            or (choice == "auto" and not chat.trailing_tool_results)
+        )
         if chat.tools and wants_tool:
             name = choice["function"]["name"] if isinstance(choice, dict) else None
             tool = next((t for t in chat.tools if t["name"] == name), chat.tools[0])
@@ -1029,7 +1224,7 @@ class OpenAIStandIn(StandIn):
     def _limit(text: str, chat: ChatRequest) -> tuple[str, str]:
         cuts = [text.index(s) for s in chat.stop if s in text]
         if cuts:
-            text = text[:min(cuts)]
+            text = text[: min(cuts)]
         if chat.max_tokens is not None and count_tokens(text) > chat.max_tokens:
             return _truncate(text, chat.max_tokens), "length"
         return text, "stop"
@@ -1044,7 +1239,9 @@ class OpenAIStandIn(StandIn):
 
     def _unary_body(self, completion: Completion) -> dict[str, Any]:
         message: dict[str, Any] = {
-            "role": "assistant", "content": completion.content, "refusal": None,
+            "role": "assistant",
+            "content": completion.content,
+            "refusal": None,
             "annotations": [],
         }
         if completion.tool_calls:
@@ -1054,30 +1251,51 @@ class OpenAIStandIn(StandIn):
             "object": "chat.completion",
             "created": int(time.time()),
             "model": completion.model,
-            "choices": [{"index": 0, "message": message, "logprobs": None,
-                         "finish_reason": completion.finish_reason}],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "logprobs": None,
+                    "finish_reason": completion.finish_reason,
+                }
+            ],
             "usage": completion.usage(),
             "service_tier": "default",
             "system_fingerprint": self.system_fingerprint,
         }
 
-    async def _stream(self, request: web.Request, chat: ChatRequest,
-                      completion: Completion) -> web.StreamResponse:
+    async def _stream(
+        self, request: web.Request, chat: ChatRequest, completion: Completion
+    ) -> web.StreamResponse:
         writer = await self.open_stream(request, error_event=self._stream_error_event)
         frame = _ChunkFramer(completion.model, self.system_fingerprint, chat)
-        await writer.send(frame.choice({"role": "assistant", "content": "", "refusal": None}),
-                          split_json=True)
+        await writer.send(
+            frame.choice({"role": "assistant", "content": "", "refusal": None}), split_json=True
+        )
         await writer.comment("keep-alive")
         for piece in split_text(completion.content or "", completion.chunks):
             await writer.send(frame.choice({"content": piece}))
         for index, call in enumerate(completion.tool_calls):
-            await writer.send(frame.choice({"tool_calls": [{
-                "index": index, "id": call["id"], "type": "function",
-                "function": {"name": call["function"]["name"], "arguments": ""},
-            }]}))
+            await writer.send(
+                frame.choice(
+                    {
+                        "tool_calls": [
+                            {
+                                "index": index,
+                                "id": call["id"],
+                                "type": "function",
+                                "function": {"name": call["function"]["name"], "arguments": ""},
+                            }
+                        ]
+                    }
+                )
+            )
             for piece in _fragments(call["function"]["arguments"]):
-                await writer.send(frame.choice(
-                    {"tool_calls": [{"index": index, "function": {"arguments": piece}}]}))
+                await writer.send(
+                    frame.choice(
+                        {"tool_calls": [{"index": index, "function": {"arguments": piece}}]}
+                    )
+                )
         await writer.send(frame.choice({}, completion.finish_reason))
         if chat.include_usage:
             await writer.send(frame.usage(completion.usage()))
@@ -1090,8 +1308,11 @@ class _ChunkFramer:
 
     def __init__(self, model: str, fingerprint: str, chat: ChatRequest) -> None:
         self.base = {
-            "id": _random_id("chatcmpl-", 29), "object": "chat.completion.chunk",
-            "created": int(time.time()), "model": model, "service_tier": "default",
+            "id": _random_id("chatcmpl-", 29),
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+            "service_tier": "default",
             "system_fingerprint": fingerprint,
         }
         self.include_usage = chat.include_usage
@@ -1107,8 +1328,9 @@ class _ChunkFramer:
         return chunk
 
     def choice(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict:
-        return self._chunk([{"index": 0, "delta": delta, "logprobs": None,
-                             "finish_reason": finish_reason}], None)
+        return self._chunk(
+            [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}], None
+        )
 
     def usage(self, usage: dict[str, Any]) -> dict:
         return self._chunk([], usage)
