@@ -15,14 +15,16 @@ PLUGGABLY_CONFIG ?= examples/demo.yaml
 PROTOS      := $(wildcard proto/pluggably/v1/*.proto)
 PYTEST_ARGS ?=
 
-.PHONY: help install run test generate check-generated lint breaking bench bench-gateway model clean
+.PHONY: help install run test hosted-smoke generate check-generated lint breaking bench bench-gateway \
+	model clean
 
 help:
 	@echo "make run              start the gRPC server (:$(GRPC_PORT)) and Envoy REST/gRPC (:$(HTTP_PORT))"
 	@echo "make test             run all tests"
 	@echo "make generate         regenerate Python stubs, Envoy descriptor set and OpenAPI from proto/"
 	@echo "make check-generated  fail if generated files are out of date"
-	@echo "make lint             buf lint/format, ruff"
+	@echo "make lint             buf lint/format, ruff check/format, mypy (strict on core/)"
+	@echo "make hosted-smoke     serve a hosted-provider request from a venv without [local]"
 	@echo "make breaking         buf breaking against the released contract (proto/baseline/)"
 	@echo "make bench            run the local text benchmarks in bench/"
 	@echo "make bench-gateway    hosted-provider overhead: direct vs gRPC vs Envoy REST"
@@ -35,7 +37,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch is pinned to the CPU build (see pyproject.toml); CUDA machines install it the same way.
-	$(PY) -m pip install --quiet -e '.[local,dev]'
+	$(PY) -m pip install --quiet -e '.[local,dev,redis,tracing]'
 	touch $@
 
 node_modules/.installed: package.json package-lock.json
@@ -52,6 +54,11 @@ run: install model
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# A second venv (.venv-hosted) with only the base dependencies: the gateway must start and serve
+# a hosted provider without torch. Independent of .venv on purpose, so it needs no `install`.
+hosted-smoke:
+	PYTHON=$(PYTHON) scripts/hosted_smoke.sh
 
 generate: install
 	$(PY) -m grpc_tools.protoc -I proto -I third_party/googleapis \
@@ -77,10 +84,13 @@ breaking: install
 	$(BUF) breaking build/contract.binpb --against proto/baseline/v1-foundation.binpb \
 		--config '{"version":"v2","breaking":{"use":["WIRE_JSON"],"except":["FIELD_WIRE_JSON_COMPATIBLE_TYPE"]}}'
 
+# mypy takes what to check, and how strictly, from pyproject.toml ([tool.mypy]).
 lint: install
 	$(BUF) lint
 	$(BUF) format --diff --exit-code
 	$(VENV)/bin/ruff check server tests bench
+	$(VENV)/bin/ruff format --check server tests bench
+	$(VENV)/bin/mypy
 
 bench: install model
 	$(PY) bench/bench_text.py --model-dir $(MODEL_DIR)
@@ -90,4 +100,4 @@ bench-gateway: install
 	$(PY) bench/bench_gateway.py
 
 clean:
-	rm -rf $(VENV) node_modules var .pytest_cache
+	rm -rf $(VENV) .venv-hosted node_modules var build .pytest_cache

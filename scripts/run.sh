@@ -6,9 +6,13 @@ cd "$(dirname "$0")/.."
 
 GRPC_PORT=${GRPC_PORT:-50051}
 HTTP_PORT=${HTTP_PORT:-8080}
-HTTP_HOST=${HTTP_HOST:-127.0.0.1}  # 0.0.0.0 exposes Envoy beyond this machine (no auth yet)
+HTTP_HOST=${HTTP_HOST:-127.0.0.1}  # 0.0.0.0 exposes Envoy beyond this machine (API keys still required)
 ADMIN_PORT=${ADMIN_PORT:-9901}     # Envoy's admin interface, always on 127.0.0.1
+METRICS_PORT=${METRICS_PORT:-9464} # the server's Prometheus endpoint, on 127.0.0.1
 mkdir -p var
+# Auth is on by default: make sure a development key exists (created once, admin scope) and
+# say where it is. The README's examples read it from var/dev-key.
+.venv/bin/pluggably keys ensure-dev --out var/dev-key
 # The shipped Envoy config with this run's ports (the same renderer the tests and bench use).
 .venv/bin/python -m pluggably.devtools.envoy render --grpc-port "$GRPC_PORT" --http-port "$HTTP_PORT" \
     --http-host "$HTTP_HOST" --admin-port "$ADMIN_PORT" -o "var/envoy-${HTTP_PORT}.yaml"
@@ -24,7 +28,7 @@ stop() {
 }
 trap stop EXIT INT TERM
 
-PLUGGABLY_SERVER__PORT=$GRPC_PORT .venv/bin/pluggably-server &
+PLUGGABLY_SERVER__PORT=$GRPC_PORT PLUGGABLY_METRICS__PORT=$METRICS_PORT .venv/bin/pluggably-server &
 server_pid=$!
 for _ in $(seq 100); do
     if .venv/bin/grpcurl -plaintext "localhost:${GRPC_PORT}" grpc.health.v1.Health/Check >/dev/null 2>&1; then break; fi
@@ -46,12 +50,17 @@ Pluggably is up.
   gRPC (native, reflection):   localhost:${GRPC_PORT}
   REST + SSE + gRPC via Envoy: http://localhost:${HTTP_PORT}   (OpenAPI: http://localhost:${HTTP_PORT}/openapi.json)
 
+  Metrics (Prometheus):         http://localhost:${METRICS_PORT}/metrics   (Envoy's: http://localhost:${ADMIN_PORT}/stats/prometheus)
+  API key (admin, development): var/dev-key
+
 Try (the demo model is a tiny random network: its output is gibberish):
   .venv/bin/grpcurl -plaintext localhost:${GRPC_PORT} list
-  .venv/bin/grpcurl -plaintext -d '{"model":"local/tiny-random-llama","messages":[{"role":"user","content":"Hello"}],"text":{"maxTokens":16,"seed":1}}' \\
+  .venv/bin/grpcurl -plaintext -H "authorization: Bearer \$(cat var/dev-key)" \\
+      -d '{"model":"local/tiny-random-llama","messages":[{"role":"user","content":"Hello"}],"text":{"maxTokens":16,"seed":1}}' \\
       localhost:${GRPC_PORT} pluggably.v1.StreamService/StreamGenerate
-  curl -s localhost:${HTTP_PORT}/v1/models
-  curl -sN localhost:${HTTP_PORT}/v1/generate:stream -H 'content-type: application/json' \\
+  curl -s localhost:${HTTP_PORT}/v1/models -H "authorization: Bearer \$(cat var/dev-key)"
+  curl -sN localhost:${HTTP_PORT}/v1/generate:stream -H "authorization: Bearer \$(cat var/dev-key)" \\
+      -H 'content-type: application/json' \\
       -d '{"model":"local/tiny-random-llama","messages":[{"role":"user","content":"Hello"}],"text":{"maxTokens":16,"seed":1}}'
 
 Ctrl-C stops both.

@@ -25,7 +25,14 @@ def config_for():
     from pluggably.config import Config
 
     def build(models: list[dict] | None = None, **sections) -> Config:
-        data = {"server": {"host": "127.0.0.1", "port": 0, "grace_period_s": 2}, **sections}
+        # Auth and the metrics port are off unless a test turns them on: tests of auth and
+        # metrics do, the rest test other things and must not collide on the metrics port.
+        data = {
+            "server": {"host": "127.0.0.1", "port": 0, "grace_period_s": 2},
+            "auth": {"enabled": False},
+            "metrics": {"enabled": False},
+            **sections,
+        }
         data["local"] = {"models": models or []}
         return Config.model_validate(data)
 

@@ -113,6 +113,8 @@ async def provider_stack(**config: Any) -> AsyncIterator[ProviderStack]:
         providers = provider_config(standins, **config.pop("providers", {}))
         data = {
             "server": {"host": "127.0.0.1", "port": 0, "grace_period_s": 1},
+            "auth": {"enabled": False},
+            "metrics": {"enabled": False},
             "providers": providers,
             **config,
         }

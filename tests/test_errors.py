@@ -30,6 +30,14 @@ ROWS = {
         grpc.StatusCode.INVALID_ARGUMENT,
     ),
     errors.NotFound: (errors.ModelNotFound("fake/gone"), grpc.StatusCode.NOT_FOUND),
+    errors.Unauthenticated: (
+        errors.Unauthenticated("no API key", reason="API_KEY_MISSING"),
+        grpc.StatusCode.UNAUTHENTICATED,
+    ),
+    errors.PermissionDenied: (
+        errors.PermissionDenied("scope generate missing", reason="SCOPE_MISSING"),
+        grpc.StatusCode.PERMISSION_DENIED,
+    ),
     errors.FailedPrecondition: (
         errors.FailedPrecondition("model cannot load", reason="MODEL_LOAD_FAILED"),
         grpc.StatusCode.FAILED_PRECONDITION,

@@ -20,6 +20,8 @@ SCRIPT = textwrap.dedent("""
     async def main(base_url):
         config = Config.model_validate({
             "server": {"host": "127.0.0.1", "port": 0},
+            "auth": {"enabled": False},
+            "metrics": {"enabled": False},
             "providers": {"openai": {"base_url": base_url, "api_key": "sk-test-hosted-only"}},
         })
         server = GatewayServer(config)

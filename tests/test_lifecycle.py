@@ -30,6 +30,8 @@ def server_config(tmp_path, tiny_model_dir):
     path.write_text(
         textwrap.dedent(f"""
         server: {{host: 127.0.0.1, port: {port}, grace_period_s: 20}}
+        auth: {{enabled: false}}
+        metrics: {{port: 0}}
         local:
           models:
             - {{name: tiny, path: "{tiny_model_dir}", default_max_tokens: 16}}
@@ -190,7 +192,7 @@ def test_port_in_use_fails_naming_the_setting() -> None:
         port = taken.getsockname()[1]
         result = subprocess.run(
             [sys.executable, "-m", "pluggably"],
-            env=_env(PLUGGABLY_SERVER__PORT=str(port)),
+            env=_env(PLUGGABLY_SERVER__PORT=str(port), PLUGGABLY_AUTH__ENABLED="false"),
             cwd=REPO_ROOT,
             capture_output=True,
             text=True,

@@ -110,7 +110,12 @@ class Gateway:
 @contextlib.asynccontextmanager
 async def gateway(providers: dict[str, Any]) -> AsyncIterator[Gateway]:
     config = Config.model_validate(
-        {"server": {"host": "127.0.0.1", "port": 0, "grace_period_s": 1}, "providers": providers}
+        {
+            "server": {"host": "127.0.0.1", "port": 0, "grace_period_s": 1},
+            "auth": {"enabled": False},
+            "metrics": {"enabled": False},
+            "providers": providers,
+        }
     )
     server = GatewayServer(config)
     await server.start()

@@ -38,17 +38,135 @@ class ConfigError(Exception):
     """The configuration is invalid; the message names each bad field and where it came from."""
 
 
+_LOOPBACK_HOSTS = {"127.0.0.1", "::1", "localhost"}
+
+
+class TlsConfig(StrictModel):
+    """Server-side TLS of the gRPC listener (Envoy's listener has its own, in envoy/)."""
+
+    # PEM files. Both or neither: with both, the listener speaks only TLS.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # PEM bundle of the CAs whose client certificates are accepted (mutual TLS).
+    client_ca_file: Path | None = None
+    # With `client_ca_file`: refuse clients that present no certificate.
+    require_client_cert: bool = False
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together: set both or neither")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("client_ca_file needs cert_file and key_file (TLS) as well")
+        if self.require_client_cert and self.client_ca_file is None:
+            raise ValueError("require_client_cert needs client_ca_file")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
 class ServerConfig(StrictModel):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
     # In-flight RPCs get this long to finish after SIGTERM/SIGINT before they are cancelled.
     grace_period_s: float = Field(10.0, ge=0)
+    # Largest request or response message. Envoy's REST body limit is rendered from this.
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    # Largest request header block (metadata). Envoy's limit is rendered from this, so REST and
+    # native gRPC callers hit the same limit (431 / RESOURCE_EXHAUSTED) instead of a random one.
+    max_metadata_bytes: int = Field(8 * 1024, ge=1024, le=64 * 1024)
+    tls: TlsConfig = Field(default_factory=TlsConfig)
+    # Plaintext is served on loopback only; listening in the clear on any other address needs
+    # this, said on purpose (e.g. behind a TLS-terminating proxy on a private network).
+    allow_plaintext_remote: bool = False
+    # Streams served at once by this process; one more gets RESOURCE_EXHAUSTED.
+    max_concurrent_streams: int = Field(256, ge=1)
+    # A stream still running after this long is ended with DEADLINE_EXCEEDED.
+    max_stream_duration_s: float = Field(600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _plaintext_on_loopback(self) -> ServerConfig:
+        if (
+            not self.tls.enabled
+            and self.host not in _LOOPBACK_HOSTS
+            and not self.allow_plaintext_remote
+        ):
+            raise ValueError(
+                f"host {self.host!r} is not loopback and TLS is off: configure server.tls "
+                "(cert_file, key_file) or set server.allow_plaintext_remote: true"
+            )
+        return self
 
 
 class LoggingConfig(StrictModel):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    format: Literal["text", "json"] = "text"
+    # JSON lines (one object per event) for machines; text for a person at a terminal.
+    format: Literal["text", "json"] = "json"
+    # One `pluggably.access` event per RPC.
+    access_log: bool = True
+    # Prompt and output text are never logged unless this is on (DEBUG events then carry them).
+    log_prompts: bool = False
+
+
+class AuthConfig(StrictModel):
+    """API keys: `authorization: Bearer <key>` on every RPC (the same header over REST)."""
+
+    # Off only when said explicitly; with auth on and no active key, the server will not start.
+    enabled: bool = True
+    # SQLite file of keys (hashes only). Several server processes may share it; a revocation
+    # takes effect on the next call in all of them.
+    store: Path = Path("var/keys.db")
+    # Health checks and reflection need no key unless these are turned off.
+    public_health: bool = True
+    public_reflection: bool = True
+
+
+class KeyLimitsConfig(StrictModel):
+    """Default rate limits of every API key (a key may carry its own). None: unlimited."""
+
+    requests_per_minute: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=1)
+    concurrent_streams: int | None = Field(None, ge=1)
+
+
+class ModelLimitsConfig(StrictModel):
+    # Requests asking for more are rejected; requests that do not say get this as their limit.
+    max_tokens: int | None = Field(None, ge=1)
+
+
+class LimitsConfig(StrictModel):
+    # Where per-key counters live: this process, or a Redis shared by several gateways.
+    backend: Literal["memory", "redis"] = "memory"
+    # redis://[:password@]host:port/db (the password is never logged).
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    per_key: KeyLimitsConfig = Field(default_factory=KeyLimitsConfig)
+    # Characters of prompt text (all messages) a request may carry, checked before any model
+    # work; a model's context length is checked after tokenizing, within this bound.
+    max_prompt_chars: int = Field(1_000_000, ge=1)
+    # Per model id (or alias); "*" applies to every model without its own entry.
+    models: dict[str, ModelLimitsConfig] = Field(default_factory=dict)
+
+
+class MetricsConfig(StrictModel):
+    """Prometheus exposition on its own port (set PROMETHEUS_MULTIPROC_DIR for several
+    processes)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9464, ge=0, le=65535)
+
+
+class TracingConfig(StrictModel):
+    """OpenTelemetry traces (`pip install 'pluggably[tracing]'`). Off: nothing is imported."""
+
+    enabled: bool = False
+    exporter: Literal["otlp", "console"] = "otlp"
+    # OTLP/HTTP endpoint; None: OTEL_EXPORTER_OTLP_ENDPOINT or http://localhost:4318.
+    endpoint: str | None = None
+    service_name: str = "pluggably"
+    sample_ratio: float = Field(1.0, ge=0, le=1)
 
 
 class RoutingConfig(StrictModel):
@@ -92,6 +210,10 @@ def _provider_sections() -> Any:
 class Config(StrictModel):
     server: ServerConfig = Field(default_factory=ServerConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
     local: LocalConfig = Field(default_factory=LocalConfig)
     # provider name -> its section; the name is the `provider` part of its model ids.
     providers: _provider_sections() = Field(default_factory=dict)  # type: ignore[valid-type]
@@ -166,7 +288,10 @@ def load_config(
             if err["type"].startswith("union_tag_") and err["loc"][:2] in bad_names:
                 continue
             loc, message = _describe(err)
-            origin = _origin(loc, sources) or (f"file {path}" if path else "defaults")
+            variable = _origin(loc, sources)
+            if variable is not None:
+                message = _redact(message, environ[variable.rsplit(" ", 1)[-1]])
+            origin = variable or (f"file {path}" if path else "defaults")
             lines.append(f"  {loc or '<root>'}: {message} (from {origin})")
         raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
 
@@ -191,6 +316,32 @@ def _describe(err: Any) -> tuple[str, str]:
                 f"`kind: openai` with its `base_url`)"
             )
     return ".".join(str(p) for p in loc), message
+
+
+def _redact(message: str, raw: str) -> str:
+    """`message` without any part of an environment value: a variable may hold a secret (an API
+    key set in the wrong variable), and errors go to the console and logs."""
+    pieces = {raw}
+    try:
+        parsed = yaml.safe_load(raw) if raw.lstrip().startswith(("[", "{")) else None
+    except yaml.YAMLError:
+        parsed = None
+    stack: list[Any] = [parsed]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif item is not None and not isinstance(item, bool):
+            pieces.add(str(item))
+    for piece in sorted(pieces, key=len, reverse=True):
+        if len(piece) >= 3:
+            message = message.replace(repr(piece), "<value hidden>").replace(
+                piece, "<value hidden>"
+            )
+    return message
 
 
 def _field_path(loc: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -228,7 +379,10 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, st
             try:
                 value = yaml.safe_load(raw)
             except yaml.YAMLError as exc:
-                raise ConfigError(f"environment variable {key} is not valid YAML: {exc}") from None
+                # Never the parser's text: it quotes the value, which may be a secret.
+                mark = getattr(exc, "problem_mark", None)
+                where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+                raise ConfigError(f"environment variable {key} is not valid YAML{where}") from None
         node = data
         for part in parts[:-1]:
             child = node.get(part)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -20,12 +19,21 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pluggably.api.interceptors import GatewayInterceptor
-from pluggably.app import build_backends, build_router, close_backends, start_backends
+from pluggably.app import (
+    Operations,
+    StartupError,
+    build_backends,
+    build_router,
+    close_backends,
+    start_backends,
+    start_operations,
+)
 from pluggably.catalog.servicer import ModelServicer
 from pluggably.config import Config, ConfigError, load_config
 from pluggably.core.backend import Backend
 from pluggably.generation.dataplane import Dataplane
 from pluggably.generation.servicer import GenerateServicer, StreamServicer
+from pluggably.observability.logging import configure_logging
 from pluggably.storage.servicer import StorageServicer
 from pluggably.v1 import (
     generate_service_pb2,
@@ -62,19 +70,49 @@ class GatewayServer:
         self.config = config
         self.backends = list(build_backends(config) if backends is None else backends)
         self.router = build_router(config, self.backends)
-        self.dataplane = Dataplane(self.router)
+        self.dataplane = Dataplane(self.router, config.limits)
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
+        # Keys, limits, metrics and tracing: set up by start(), closed by stop().
+        self.operations: Operations | None = None
         self._server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> int:
-        limit = self.config.server.max_message_bytes
+        config = self.config
+        self.operations = ops = await start_operations(config)
+        try:
+            return await self._start_grpc(ops)
+        except BaseException:
+            await ops.aclose()
+            self.operations = None
+            raise
+
+    async def _start_grpc(self, ops: Operations) -> int:
+        config = self.config
+        limit = config.server.max_message_bytes
+        auth = config.auth
+
+        def public(method: str) -> bool:
+            return (auth.public_health and method.startswith("/grpc.health.")) or (
+                auth.public_reflection and method.startswith("/grpc.reflection.")
+            )
+
         server = grpc.aio.server(
-            interceptors=[GatewayInterceptor()],
+            interceptors=[
+                GatewayInterceptor(
+                    ops.hooks,
+                    public_methods=public,
+                    max_stream_duration_s=config.server.max_stream_duration_s,
+                )
+            ],
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
+                # One limit, not grpc's soft/hard pair (8/16 KiB by default), between which a
+                # request passes or fails at random; Envoy's header limit is rendered from it.
+                ("grpc.max_metadata_size", config.server.max_metadata_bytes),
+                ("grpc.absolute_max_metadata_size", config.server.max_metadata_bytes),
                 # Without this a second gateway on the same port would start and silently share
                 # the traffic instead of failing.
                 ("grpc.so_reuseport", 0),
@@ -95,9 +133,14 @@ class GatewayServer:
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
 
-        address = f"{self.config.server.host}:{self.config.server.port}"
+        address = f"{config.server.host}:{config.server.port}"
         try:
-            self.port = server.add_insecure_port(address)
+            if config.server.tls.enabled:
+                from pluggably.security.tls import server_credentials
+
+                self.port = server.add_secure_port(address, server_credentials(config.server.tls))
+            else:
+                self.port = server.add_insecure_port(address)
         except RuntimeError:  # grpc's way of saying the address is taken or invalid
             self.port = 0
         if not self.port:
@@ -128,31 +171,9 @@ class GatewayServer:
         await asyncio.wait([stopping], timeout=grace)
         await close_backends(self.backends)
         await stopping
+        if self.operations is not None:
+            await self.operations.aclose()
         self._stopped.set()
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": self.formatTime(record),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def configure_logging(config: Config) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if config.logging.format == "json":
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(config.logging.level)
 
 
 def process_age_s(fallback_start: float) -> float:
@@ -197,9 +218,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pluggably: {exc}", file=sys.stderr)
         return 2
-    configure_logging(config)
+    configure_logging(config.logging)
     try:
         asyncio.run(serve(config, started_at))
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return 1

@@ -1,18 +1,24 @@
-"""Server interceptors. They wrap unary and server-streaming handlers alike.
+"""The interceptor stack: one interceptor that runs every RPC through a chain of small hooks.
 
-An async interceptor that only awaits its continuation would break streams (the handler is an
-async generator), so every interceptor here rebuilds the method handler through `_rewrap`.
+For each call it makes a `RequestContext` current (request id, method, peer), runs the hooks'
+`start` in order (auth, limits: any may refuse the call), runs the handler, maps the outcome to a
+status (domain errors through the one table in `api.status`; anything else INTERNAL with a fixed
+message and the request id), then runs the hooks' `finish` in reverse order (release, metrics,
+access log, tracing). Unary and server-streaming handlers alike: an async interceptor that only
+awaited its continuation would break streams (the handler is an async generator), so handlers
+are rebuilt through `_rewrap`, once per method.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
+import math
 import re
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -20,11 +26,11 @@ from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, status_pb2
 from grpc_status import rpc_status
 
+from pluggably.api.hooks import CallHook
 from pluggably.api.status import to_status
 from pluggably.core import context as request_context
-from pluggably.core.errors import FieldViolation, InvalidArgument
+from pluggably.core.errors import DeadlineExceeded, FieldViolation, InvalidArgument
 
-access_log = logging.getLogger("pluggably.access")
 log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -33,11 +39,11 @@ REQUEST_ID_HEADER = "x-request-id"
 STREAM_ERRORS_HEADER = "x-pluggably-stream-errors"
 
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
-
+_CODE_NAMES = {value: name for name, value in code_pb2.Code.items()}
 
 UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 StreamBehavior = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
-
+BidiBehavior = Callable[[AsyncIterator[Any], grpc.aio.ServicerContext], AsyncIterator[Any]]
 
 _MALFORMED = object()
 
@@ -51,7 +57,7 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
     def deserialize(data: bytes) -> Any:
         try:
             return deserializer(data)
-        except DecodeError:
+        except (DecodeError, RecursionError, ValueError):
             return _MALFORMED
 
     return deserialize
@@ -69,31 +75,25 @@ def _check_decoded(request: Any) -> None:
         )
 
 
-def _rewrap(
-    handler: grpc.RpcMethodHandler,
-    unary: Callable[[UnaryBehavior], UnaryBehavior],
-    stream: Callable[[StreamBehavior], StreamBehavior],
-) -> grpc.RpcMethodHandler:
-    deserializer = _tolerant(handler.request_deserializer)
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(
-            unary(handler.unary_unary), deserializer, handler.response_serializer
-        )
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(
-            stream(handler.unary_stream), deserializer, handler.response_serializer
-        )
-    return handler  # client-streaming methods: none in the contract yet
-
-
 class GatewayInterceptor(grpc.aio.ServerInterceptor):
-    """Request id, access log and error mapping for every `pluggably.*` RPC.
+    """Runs every RPC of the gateway through `hooks` (see the module docstring).
 
-    Domain errors become `google.rpc.Status` with details (`pluggably.api.status`); anything else
-    becomes INTERNAL with a fixed message and the request id, and is logged with its traceback.
+    `public` methods (health, reflection by default) skip the hooks whose `public_exempt` is
+    true (auth, rate limits) but still get error mapping, logs and metrics.
+    `max_stream_duration_s` ends a stream that runs longer with DEADLINE_EXCEEDED.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        hooks: Sequence[CallHook] = (),
+        *,
+        public_methods: Callable[[str], bool] = lambda _method: False,
+        max_stream_duration_s: float | None = None,
+    ) -> None:
+        self._hooks = tuple(hooks)
+        self._public_hooks = tuple(h for h in hooks if not getattr(h, "public_exempt", False))
+        self._is_public = public_methods
+        self._max_stream_s = max_stream_duration_s
         # Wrapped handlers by method: the registered handler of a method never changes, so it is
         # wrapped once, not on every call.
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
@@ -104,56 +104,111 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(details)
+        if handler is None:
+            return None
         method = details.method
-        if handler is None or not method.startswith("/pluggably."):
-            return handler
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        wrapped = _rewrap(
-            handler, lambda b: self._unary(method, b), lambda b: self._stream(method, b)
-        )
+        hooks = self._public_hooks if self._is_public(method) else self._hooks
+        wrapped = self._rewrap(method, handler, hooks)
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
-    def _unary(self, method: str, behavior: UnaryBehavior) -> UnaryBehavior:
+    def _rewrap(
+        self, method: str, handler: grpc.RpcMethodHandler, hooks: tuple[CallHook, ...]
+    ) -> grpc.RpcMethodHandler:
+        deserializer = _tolerant(handler.request_deserializer)
+        serializer = handler.response_serializer
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(method, hooks, handler.unary_unary), deserializer, serializer
+            )
+        if handler.unary_stream:
+            # A streaming handler either yields its messages or writes them with
+            # `context.write` and returns (grpc's own health Watch does): one wrapper each.
+            behavior = (
+                self._stream(method, hooks, handler.unary_stream)
+                if inspect.isasyncgenfunction(handler.unary_stream)
+                else self._unary(method, hooks, handler.unary_stream, streaming=True)
+            )
+            return grpc.unary_stream_rpc_method_handler(behavior, deserializer, serializer)
+        if handler.stream_stream:  # reflection
+            return grpc.stream_stream_rpc_method_handler(
+                self._bidi(method, hooks, handler.stream_stream), deserializer, serializer
+            )
+        return handler  # client-streaming methods: none in the contract
+
+    def _unary(
+        self,
+        method: str,
+        hooks: tuple[CallHook, ...],
+        behavior: UnaryBehavior,
+        *,
+        streaming: bool = False,
+    ) -> UnaryBehavior:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call = _Call(method, context)
-            call.begin()
+            call = _Call(method, context, hooks, streaming=streaming)
             try:
+                await call.begin()
                 _check_decoded(request)
                 response = await behavior(request, context)
-                await call.send_headers()
+                if not streaming:  # a writer has sent its headers with its first write
+                    await call.send_headers()
+                    call.ctx.messages = 1
                 return response
             except asyncio.CancelledError:
-                call.code = code_pb2.CANCELLED
+                call.cancelled()
                 raise
             except Exception as exc:
                 await call.fail(exc)
                 raise
             finally:
-                call.end()
+                await call.end()
 
         return wrapped
 
-    def _stream(self, method: str, behavior: StreamBehavior) -> StreamBehavior:
+    def _stream(
+        self, method: str, hooks: tuple[CallHook, ...], behavior: StreamBehavior
+    ) -> StreamBehavior:
+        max_s = self._max_stream_s
+
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            call = _Call(method, context)
-            call.begin()
+            call = _Call(method, context, hooks, streaming=True)
+            ctx = call.ctx
             first: Message | None = None
             try:
+                await call.begin()
                 _check_decoded(request)
+                loop = asyncio.get_running_loop()
+                ends_at = None if max_s is None else loop.time() + max_s
                 # aclosing: a cancelled call closes the servicer's generator (and the backend's
                 # below it) here and now, not whenever the garbage collector finalizes it.
                 async with contextlib.aclosing(behavior(request, context)) as messages:
-                    async for message in messages:
+                    while True:
+                        # The timeout covers the wait for the next message only, never a
+                        # `yield`: a cancel scope open across a yield would cancel grpc's task.
+                        try:
+                            if ends_at is None:
+                                message = await anext(messages)
+                            else:
+                                async with asyncio.timeout_at(ends_at):
+                                    message = await anext(messages)
+                        except StopAsyncIteration:
+                            break
+                        except TimeoutError:
+                            raise DeadlineExceeded(
+                                f"the stream ran longer than this server allows ({max_s:g} s, "
+                                "server.max_stream_duration_s)",
+                                reason="MAX_STREAM_DURATION",
+                            ) from None
                         if first is None:
                             await call.send_headers()
                             first = message
-                        call.messages += 1
+                        ctx.messages += 1
                         yield message
             except (asyncio.CancelledError, GeneratorExit):
-                call.code = code_pb2.CANCELLED
+                call.cancelled()
                 raise
             except Exception as exc:
                 if (
@@ -163,13 +218,48 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
                     and not isinstance(exc, grpc.aio.AbortError)
                 ):
                     yield type(first)(
-                        id=call.request_id, model=first.model, error=call.status_for(exc)
+                        id=ctx.request_id, model=first.model, error=call.status_for(exc)
                     )
                     return
                 await call.fail(exc)
                 raise
             finally:
-                call.end()
+                await call.end()
+
+        return wrapped
+
+    def _bidi(
+        self, method: str, hooks: tuple[CallHook, ...], behavior: BidiBehavior
+    ) -> BidiBehavior:
+        async def wrapped(
+            requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
+            call = _Call(method, context, hooks, streaming=True)
+
+            async def checked() -> AsyncIterator[Any]:
+                async for request in requests:
+                    if request is _MALFORMED:
+                        # Raised into the handler's loop; the handler ends and the error
+                        # surfaces below, mapped like any other.
+                        _check_decoded(request)
+                    yield request
+
+            try:
+                await call.begin()
+                async with contextlib.aclosing(behavior(checked(), context)) as messages:
+                    async for message in messages:
+                        if call.ctx.messages == 0:
+                            await call.send_headers()
+                        call.ctx.messages += 1
+                        yield message
+            except (asyncio.CancelledError, GeneratorExit):
+                call.cancelled()
+                raise
+            except Exception as exc:
+                await call.fail(exc)
+                raise
+            finally:
+                await call.end()
 
         return wrapped
 
@@ -192,60 +282,102 @@ def _has_error_event(message: Message) -> bool:
 
 
 class _Call:
-    """Book-keeping of one RPC for the access log and error mapping."""
+    """One RPC: its context, its hooks, and the mapping of its outcome to a status."""
 
-    def __init__(self, method: str, context: grpc.aio.ServicerContext) -> None:
-        self.method = method
+    __slots__ = (
+        "_started_hooks",
+        "_token",
+        "context",
+        "ctx",
+        "hooks",
+        "metadata",
+        "wants_inline_errors",
+    )
+
+    def __init__(
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext,
+        hooks: tuple[CallHook, ...],
+        *,
+        streaming: bool,
+    ) -> None:
         self.context = context
-        metadata = dict(context.invocation_metadata() or ())
-        supplied = metadata.get(REQUEST_ID_HEADER, "")
-        self.request_id = supplied if _VALID_REQUEST_ID.match(supplied) else uuid.uuid4().hex
-        self.wants_inline_errors = metadata.get(STREAM_ERRORS_HEADER, "").lower() == "inline"
-        self.code = code_pb2.OK
-        self.messages = 0
+        self.hooks = hooks
+        self.metadata: dict[str, str] = {}
+        for key, value in context.invocation_metadata() or ():
+            if isinstance(value, str):  # binary (-bin) metadata is nobody's business here
+                self.metadata[key] = value
+        supplied = self.metadata.get(REQUEST_ID_HEADER, "")
+        request_id = supplied if _VALID_REQUEST_ID.match(supplied) else uuid.uuid4().hex
+        self.wants_inline_errors = self.metadata.get(STREAM_ERRORS_HEADER, "").lower() == "inline"
+        self.ctx = request_context.RequestContext(
+            request_id=request_id, method=method, peer=context.peer() or "", streaming=streaming
+        )
         self._token: Any = None
-        self._start = time.perf_counter()
+        self._started_hooks = 0
 
-    def begin(self) -> None:
-        self._token = request_context.set_request_id(self.request_id)
+    async def begin(self) -> None:
+        self._token = request_context.activate(self.ctx)
+        for hook in self.hooks:
+            await hook.start(self.ctx, self.metadata)
+            self._started_hooks += 1
 
     async def send_headers(self) -> None:
         # Only together with the first response message: an error before it must leave the
         # response trailers-only, which is what lets Envoy turn it into a 4xx/5xx HTTP status.
-        await self.context.send_initial_metadata(((REQUEST_ID_HEADER, self.request_id),))
+        await self.context.send_initial_metadata(((REQUEST_ID_HEADER, self.ctx.request_id),))
 
     def status_for(self, exc: BaseException) -> status_pb2.Status:
-        status = to_status(exc, self.request_id)
-        self.code = status.code
+        status = to_status(exc, self.ctx.request_id)
+        self.ctx.code = _CODE_NAMES.get(status.code, "UNKNOWN")
+        self.ctx.reason = (
+            getattr(exc, "reason", "") if status.code != code_pb2.INTERNAL else "INTERNAL"
+        )
         if status.code == code_pb2.INTERNAL:
             log.error(
-                "unexpected error in %s (request id %s)", self.method, self.request_id, exc_info=exc
+                "unexpected error in %s (request id %s)",
+                self.ctx.method,
+                self.ctx.request_id,
+                exc_info=exc,
             )
         return status
+
+    def cancelled(self) -> None:
+        # grpc cancels the handler both when the client goes away and when the deadline passes;
+        # only the clock tells them apart.
+        remaining = self.context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        self.ctx.code = "DEADLINE_EXCEEDED" if expired else "CANCELLED"
 
     async def fail(self, exc: BaseException) -> None:
         """Aborts the RPC with the mapped status; returns only for errors grpc handles itself."""
         if isinstance(exc, grpc.aio.AbortError):
+            if self.ctx.code == "OK":
+                self.ctx.code = "UNKNOWN"
             return
         status = rpc_status.to_status(self.status_for(exc))
-        await self.context.abort(
-            status.code,
-            status.details,
-            (*status.trailing_metadata, (REQUEST_ID_HEADER, self.request_id)),
+        trailers: tuple[tuple[str, str | bytes], ...] = (
+            *status.trailing_metadata,
+            (REQUEST_ID_HEADER, self.ctx.request_id),
         )
+        retry_after = getattr(exc, "retry_after_s", None)
+        if retry_after is not None:
+            # RetryInfo says it to gRPC clients; HTTP clients read Retry-After, which Envoy
+            # passes on from a trailers-only response (whole seconds, rounded up).
+            trailers = (*trailers, ("retry-after", str(max(1, math.ceil(retry_after)))))
+        await self.context.abort(status.code, status.details, trailers)
 
-    def end(self) -> None:
-        elapsed_ms = (time.perf_counter() - self._start) * 1000
-        access_log.info(
-            "%s %s %.1fms request_id=%s messages=%d",
-            self.method,
-            code_pb2.Code.Name(self.code),
-            elapsed_ms,
-            self.request_id,
-            self.messages,
-        )
+    async def end(self) -> None:
+        for hook in reversed(self.hooks[: self._started_hooks]):
+            try:
+                await hook.finish(self.ctx)
+            except Exception:  # a broken hook must not turn a served call into an error
+                log.exception("hook %s failed to finish", type(hook).__name__)
+        # A refused call still reaches hooks that saw its start, so the counts they keep
+        # (streams, started RPCs) balance; hooks after the refusing one never saw it.
         if self._token is not None:
             # A stream cancelled under back-pressure is finalized in another context, where
             # the token cannot be reset (and the variable dies with its context anyway).
             with contextlib.suppress(ValueError):
-                request_context.reset_request_id(self._token)
+                request_context.deactivate(self._token)

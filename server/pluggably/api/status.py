@@ -17,6 +17,8 @@ ERROR_DOMAIN = "pluggably.dev"
 STATUS_TABLE: tuple[tuple[type[errors.PluggablyError], int], ...] = (
     (errors.InvalidArgument, code_pb2.INVALID_ARGUMENT),
     (errors.NotFound, code_pb2.NOT_FOUND),
+    (errors.Unauthenticated, code_pb2.UNAUTHENTICATED),
+    (errors.PermissionDenied, code_pb2.PERMISSION_DENIED),
     (errors.FailedPrecondition, code_pb2.FAILED_PRECONDITION),
     (errors.ResourceExhausted, code_pb2.RESOURCE_EXHAUSTED),
     (errors.Unavailable, code_pb2.UNAVAILABLE),

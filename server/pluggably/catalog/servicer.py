@@ -7,7 +7,8 @@ from typing import Any
 from pluggably.api.pagination import check_page_size, decode_page_token, encode_page_token
 from pluggably.api.unimplemented import not_yet
 from pluggably.catalog.convert import MODALITY_FROM_PB, model_to_pb, parameter_to_pb
-from pluggably.core.errors import FieldViolation, InvalidArgument
+from pluggably.core.context import current_principal
+from pluggably.core.errors import FieldViolation, InvalidArgument, PermissionDenied
 from pluggably.generation.router import Router
 from pluggably.v1 import model_pb2, model_service_pb2, model_service_pb2_grpc
 
@@ -31,10 +32,12 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
             raise InvalidArgument(violations)
 
         modality = MODALITY_FROM_PB.get(request.modality)
+        principal = current_principal()
         models = [
             m
             for m in await self._router.list_models()
-            if (not request.provider or m.provider == request.provider)
+            if (principal is None or principal.may_use(m.id))
+            and (not request.provider or m.provider == request.provider)
             and (modality is None or m.modality is modality)
             and m.id > after
         ]
@@ -48,13 +51,16 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         self, request: model_service_pb2.GetModelRequest, context: Any
     ) -> model_pb2.Model:
         _require(request.id, "id")
-        return model_to_pb(await self._router.get_model(request.id))
+        model = await self._router.get_model(request.id)
+        _check_allowed(model.id)
+        return model_to_pb(model)
 
     async def GetModelParameters(
         self, request: model_service_pb2.GetModelParametersRequest, context: Any
     ) -> model_service_pb2.GetModelParametersResponse:
         _require(request.id, "id")
         model_id, specs = await self._router.parameters(request.id)
+        _check_allowed(model_id)
         return model_service_pb2.GetModelParametersResponse(
             model=model_id, parameters=[parameter_to_pb(s) for s in specs]
         )
@@ -70,3 +76,13 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
 def _require(value: str, field: str) -> None:
     if not value.strip():
         raise InvalidArgument([FieldViolation(field, "required")])
+
+
+def _check_allowed(model_id: str) -> None:
+    principal = current_principal()
+    if principal is not None and not principal.may_use(model_id):
+        raise PermissionDenied(
+            f"API key {principal.key_id} may not use model {model_id}",
+            reason="MODEL_NOT_ALLOWED",
+            metadata={"key_id": principal.key_id, "model": model_id},
+        )

@@ -82,6 +82,18 @@ class ModelNotFound(NotFound):
         )
 
 
+class Unauthenticated(PluggablyError):
+    """The call carries no valid credentials (missing, malformed, unknown or revoked key)."""
+
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(PluggablyError):
+    """The caller is known but may not do this (a scope it lacks, a model outside its list)."""
+
+    reason = "PERMISSION_DENIED"
+
+
 class FailedPrecondition(PluggablyError):
     """The system is not in a state that allows the operation (e.g. a model that cannot load)."""
 

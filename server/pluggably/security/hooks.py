@@ -1,0 +1,148 @@
+"""The interceptor hooks that decide whether a call may run: API key and scope, per-key rate
+limits, and the per-process stream cap. Each refuses with a domain error; `finish` gives back
+what `start` took."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from pluggably.api.hooks import CallHook
+from pluggably.core.context import KeyLimits, Principal, RequestContext
+from pluggably.core.errors import PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable
+from pluggably.security.scopes import needs_key_only, required_scope
+
+if TYPE_CHECKING:
+    from pluggably.config import KeyLimitsConfig
+    from pluggably.security.keys import KeyStore
+    from pluggably.security.ratelimit import RateLimiter
+
+log = logging.getLogger(__name__)
+
+_BEARER = "bearer "
+# Calls made with auth switched off share one set of per-key limits.
+ANONYMOUS = Principal(key_id="anonymous", name="anonymous")
+
+
+class AuthHook(CallHook):
+    """`authorization: Bearer <key>` -> the caller's `Principal`, and the scope the method needs.
+
+    UNAUTHENTICATED when there is no valid key (missing, malformed, unknown, revoked, expired:
+    one answer for the last four, so a caller learns nothing about which keys exist);
+    PERMISSION_DENIED when the key lacks the method's scope.
+    """
+
+    public_exempt = True
+
+    def __init__(self, store: KeyStore) -> None:
+        self._store = store
+
+    async def start(self, ctx: RequestContext, metadata: Mapping[str, str]) -> None:
+        header = metadata.get("authorization")
+        if not header:
+            raise Unauthenticated(
+                "this gateway needs an API key: send the header `authorization: Bearer <key>`",
+                reason="API_KEY_MISSING",
+            )
+        if header[: len(_BEARER)].lower() != _BEARER:
+            raise Unauthenticated(
+                "the authorization header must be `Bearer <key>`", reason="API_KEY_MALFORMED"
+            )
+        try:
+            principal = self._store.authenticate(header[len(_BEARER) :].strip())
+        except sqlite3.Error:
+            log.exception("the key store %s cannot be read", self._store.path)
+            raise Unavailable(
+                "API keys cannot be checked right now; retry shortly",
+                retry_after_s=1.0,
+                reason="KEY_STORE_UNAVAILABLE",
+            ) from None
+        if principal is None:
+            raise Unauthenticated(
+                "the API key is not valid (unknown, revoked or expired)",
+                reason="API_KEY_INVALID",
+            )
+        ctx.principal = principal
+        scope = required_scope(ctx.method)
+        if scope is None and needs_key_only(ctx.method):
+            return  # health or reflection with a key required: any valid key will do
+        if scope is None or scope not in principal.scopes:
+            raise PermissionDenied(
+                f"API key {principal.key_id} lacks the scope {scope or 'admin'!r} that "
+                f"{ctx.method_name} needs",
+                reason="SCOPE_MISSING",
+                metadata={"scope": scope or "admin", "key_id": principal.key_id},
+            )
+
+
+class AnonymousHook(CallHook):
+    """With auth off, every call runs as one anonymous principal (for limits and logs)."""
+
+    public_exempt = True
+
+    async def start(self, ctx: RequestContext, metadata: Mapping[str, str]) -> None:
+        ctx.principal = ANONYMOUS
+
+
+class StreamCapHook(CallHook):
+    """At most `limit` server-streaming calls at once in this process."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+
+    async def start(self, ctx: RequestContext, metadata: Mapping[str, str]) -> None:
+        if not ctx.streaming:
+            return
+        if self.active >= self.limit:
+            raise ResourceExhausted(
+                f"this server is serving its maximum of {self.limit} streams "
+                "(server.max_concurrent_streams); retry shortly",
+                subject="server",
+                retry_after_s=1.0,
+                reason="SERVER_STREAMS_EXHAUSTED",
+            )
+        self.active += 1
+        ctx.scratch["stream_cap"] = True
+
+    async def finish(self, ctx: RequestContext) -> None:
+        if ctx.scratch.pop("stream_cap", None):
+            self.active -= 1
+
+
+class RateLimitHook(CallHook):
+    """Per-key requests per minute, tokens per minute and concurrent streams."""
+
+    public_exempt = True
+
+    def __init__(self, limiter: RateLimiter, defaults: KeyLimitsConfig) -> None:
+        self._limiter = limiter
+        self._defaults = defaults
+
+    def _limits(self, principal: Principal) -> KeyLimits:
+        own, default = principal.limits, self._defaults
+        return KeyLimits(
+            requests_per_minute=own.requests_per_minute or default.requests_per_minute,
+            tokens_per_minute=own.tokens_per_minute or default.tokens_per_minute,
+            concurrent_streams=own.concurrent_streams or default.concurrent_streams,
+        )
+
+    async def start(self, ctx: RequestContext, metadata: Mapping[str, str]) -> None:
+        principal = ctx.principal or ANONYMOUS
+        limits = self._limits(principal)
+        if (
+            limits.requests_per_minute is None
+            and limits.tokens_per_minute is None
+            and limits.concurrent_streams is None
+        ):
+            return
+        ctx.scratch["admission"] = await self._limiter.admit(
+            principal.key_id, limits, stream=ctx.streaming
+        )
+
+    async def finish(self, ctx: RequestContext) -> None:
+        admission = ctx.scratch.pop("admission", None)
+        if admission is not None:
+            await self._limiter.settle(admission, ctx.input_tokens + ctx.output_tokens)  # type: ignore[arg-type]
