@@ -14,8 +14,8 @@ import contextlib
 import email.utils
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pluggably.core.errors import DeadlineExceeded
 from pluggably.providers._errors import (
@@ -36,6 +36,28 @@ log = logging.getLogger(__name__)
 
 MAX_ERROR_BODY = 64 * 1024
 ErrorParser = Callable[[int, "CIMultiDictProxy[str]", bytes], UpstreamFailure]
+
+
+class ClientSpans(Protocol):
+    """A span around each upstream call (`pluggably.observability.tracing` provides one)."""
+
+    def start(
+        self,
+        provider: str,
+        model_id: str,
+        method: str,
+        url: str,
+        headers: MutableMapping[str, str],
+    ) -> Any:
+        """Opens the span and adds its trace context (`traceparent`) to `headers`."""
+
+    def end(self, span: Any, status: int | None, error: BaseException | None) -> None:
+        """Closes the span: the HTTP status when one came, the error when the call failed."""
+
+
+# Installed by `setup_tracing` when tracing is on. None (the default) costs every request one
+# attribute check and nothing else.
+client_spans: ClientSpans | None = None
 
 
 def retry_after_s(headers: Mapping[str, str]) -> float | None:
@@ -233,32 +255,57 @@ class HttpTransport:
             limit_at = min(limit_at, deadline)
         first_byte_at = min(now + self.timeouts.first_byte_s, limit_at) if stream else limit_at
         url = self.base_url + path
+        spans = client_spans
+        span: Any = None
+        status: int | None = None
+        if spans is not None:
+            headers = dict(headers) if headers else {}
+            span = spans.start(self.provider, model_id, method, url, headers)
         try:
-            async with asyncio.timeout_at(first_byte_at):
-                response = await self._client().request(
-                    method, url, data=body, headers=headers, params=params, allow_redirects=False
+            try:
+                async with asyncio.timeout_at(first_byte_at):
+                    response = await self._client().request(
+                        method,
+                        url,
+                        data=body,
+                        headers=headers,
+                        params=params,
+                        allow_redirects=False,
+                    )
+            except aiohttp.ClientError as exc:
+                raise connection_failure(self.provider, model_id, _describe(exc)) from None
+            except TimeoutError:
+                seconds = (
+                    self.timeouts.first_byte_s if stream and first_byte_at < limit_at else total_s
                 )
-        except aiohttp.ClientError as exc:
-            raise connection_failure(self.provider, model_id, _describe(exc)) from None
-        except TimeoutError:
-            seconds = self.timeouts.first_byte_s if stream and first_byte_at < limit_at else total_s
-            raise self.timed_out(
-                model_id, "waiting for the response", seconds, first_byte_at, deadline
-            ) from None
-        try:
-            if response.status >= 400:
-                raw = await _read_error_body(response, min(limit_at, loop.time() + 10))
-                raise parse_error(response.status, response.headers, raw)
-            if 300 <= response.status < 400 or response.status == 204:
-                raise bad_response(self.provider, model_id, f"unexpected HTTP {response.status}")
-            yield Upstream(self, response, model_id, first_byte_at, limit_at, deadline, total_s)
+                raise self.timed_out(
+                    model_id, "waiting for the response", seconds, first_byte_at, deadline
+                ) from None
+            status = response.status
+            try:
+                if response.status >= 400:
+                    raw = await _read_error_body(response, min(limit_at, loop.time() + 10))
+                    raise parse_error(response.status, response.headers, raw)
+                if 300 <= response.status < 400 or response.status == 204:
+                    raise bad_response(
+                        self.provider, model_id, f"unexpected HTTP {response.status}"
+                    )
+                yield Upstream(self, response, model_id, first_byte_at, limit_at, deadline, total_s)
+            finally:
+                # A response not read to the end (cancelled, failed, abandoned) closes its
+                # connection: the upstream sees the disconnect and stops generating.
+                if response.content.at_eof():
+                    response.release()
+                else:
+                    response.close()
+        except BaseException as exc:
+            if span is not None:
+                spans.end(span, status, exc)  # type: ignore[union-attr]
+                span = None
+            raise
         finally:
-            # A response not read to the end (cancelled, failed, abandoned) closes its
-            # connection: the upstream sees the disconnect and stops generating.
-            if response.content.at_eof():
-                response.release()
-            else:
-                response.close()
+            if span is not None:
+                spans.end(span, status, None)  # type: ignore[union-attr]
 
 
 async def _read_error_body(response: aiohttp.ClientResponse, until: float) -> bytes:

@@ -1,0 +1,1 @@
+"""What the gateway tells its operator: structured logs, Prometheus metrics, OpenTelemetry traces."""
