@@ -26,6 +26,7 @@ def _build(provider: str, section: LocalConfig) -> Backend:
                 dtype=m.dtype,
                 max_concurrency=m.max_concurrency,
                 max_queue=m.max_queue,
+                queue_timeout_s=m.queue_timeout_s,
                 default_max_tokens=m.default_max_tokens,
                 context_length=m.context_length,
                 description=m.description,

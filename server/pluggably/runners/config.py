@@ -18,6 +18,9 @@ class LocalModelConfig(StrictModel):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_concurrency: int = Field(1, ge=1)
     max_queue: int = Field(16, ge=0)
+    # Seconds a request may wait in this model's queue (behind `max_concurrency` running ones)
+    # before it is refused with RESOURCE_EXHAUSTED (reason MODEL_QUEUE_TIMEOUT) and a retry hint.
+    queue_timeout_s: float = Field(30.0, gt=0, allow_inf_nan=False)
     default_max_tokens: int = Field(256, ge=1)
     context_length: int | None = Field(None, ge=1)
     description: str = ""

@@ -3,6 +3,12 @@
 Importing this module is cheap: `torch` and `transformers` are imported the first time a model is
 used, in a worker thread, so the event loop keeps serving while they (and the weights) load.
 
+Admission comes first: each model has an `AdmissionQueue` (`runners/admission.py`) that bounds
+running and waiting requests and shares the queue fairly across API keys. A request takes its
+permit before the model loads or its prompt is tokenized, so a refusal under overload costs
+microseconds; only checks that cost next to nothing (the model exists, `max_tokens` against the
+context, a prompt too long to fit whatever its tokens) run before it.
+
 Each generation runs `model.generate` in its own thread. A streamer hands the new token ids to the
 event loop (a locked deque plus at most one pending wake-up, see `_Job`); the async side turns them into
 text with `IncrementalDetokenizer` and applies stop sequences with `StopMatcher`. Stopping (a stop
@@ -57,6 +63,8 @@ from pluggably.core.types import (
     TextParams,
     Usage,
 )
+from pluggably.observability import metrics
+from pluggably.runners.admission import AdmissionQueue, Permit
 
 if TYPE_CHECKING:
     from pluggably.core.params import ParameterSpec
@@ -118,6 +126,9 @@ class LocalTextModel:
     dtype: str = "auto"
     max_concurrency: int = 1
     max_queue: int = 16
+    #: How long a request may wait in the model's queue before it is refused
+    #: (RESOURCE_EXHAUSTED, reason MODEL_QUEUE_TIMEOUT, with a retry hint).
+    queue_timeout_s: float = 30.0
     default_max_tokens: int = 256
     context_length: int | None = None
     description: str = ""
@@ -138,6 +149,8 @@ class LocalTextModel:
             raise ValueError(f"model {self.name!r}: max_concurrency must be >= 1")
         if self.max_queue < 0:
             raise ValueError(f"model {self.name!r}: max_queue must be >= 0")
+        if not (self.queue_timeout_s > 0 and math.isfinite(self.queue_timeout_s)):
+            raise ValueError(f"model {self.name!r}: queue_timeout_s must be > 0")
         if self.default_max_tokens < 1:
             raise ValueError(f"model {self.name!r}: default_max_tokens must be >= 1")
         if self.context_length is not None and self.context_length < 2:
@@ -158,6 +171,12 @@ class _Loaded:
     eos_ids: frozenset[int]
     context_length: int
     encode_lock: threading.Lock
+    # Prompts longer than this many characters cannot fit the context (`_check_prompt_bound`);
+    # None when the tokenizer gives no sound bound.
+    max_prompt_chars: int | None = None
+    # False when the chat template rewrites assistant turns (drops their reasoning), so their
+    # text may not reach the prompt and must not count towards the bound.
+    counts_assistant_text: bool = True
 
 
 class _Slot:
@@ -166,8 +185,12 @@ class _Slot:
     def __init__(self, cfg: LocalTextModel, provider: str) -> None:
         self.cfg = cfg
         self.provider = provider
-        self.semaphore = asyncio.Semaphore(cfg.max_concurrency)
-        self.waiting = 0
+        self.admission = AdmissionQueue(
+            f"{provider}/{cfg.name}",
+            max_concurrency=cfg.max_concurrency,
+            max_queue=cfg.max_queue,
+            queue_timeout_s=cfg.queue_timeout_s,
+        )
         self.loaded: _Loaded | None = None
         self.load_task: asyncio.Task[_Loaded] | None = None
         self.load_failed = False
@@ -196,9 +219,10 @@ class _Job:
     loop iteration per token (with a tiny model that per-token cost rivals the model's own).
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, slot: _Slot) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, slot: _Slot, permit: Permit) -> None:
         self.loop = loop
         self.slot = slot
+        self.permit = permit  # released by the generation thread when it ends
         self.stop = threading.Event()  # set: stop generating after the current token
         self.shutdown = False  # set by `aclose`: the generation ends as CANCELLED
         self.generated = 0  # tokens produced by the thread (written by the thread only)
@@ -328,6 +352,8 @@ class TransformersTextBackend(Backend):
         params = request.text
         ignore_eos = bool(request.provider_options.get("ignore_eos", False))
 
+        # Only checks that cost next to nothing come before admission: everything after it
+        # (loading, tokenizing, generating) is the work a full queue exists to refuse cheaply.
         if slot.loaded is not None:
             configured_context: int | None = slot.loaded.context_length
         else:
@@ -349,38 +375,51 @@ class TransformersTextBackend(Backend):
                 ]
             )
 
-        loaded = await self._ensure_loaded(slot)
-        prompt_ids = await asyncio.to_thread(_encode, loaded, request, slot.model_id)
-        max_new_tokens = _check_lengths(slot, loaded, request, len(prompt_ids))
+        loaded_before = slot.loaded
+        if loaded_before is not None:
+            _check_prompt_bound(slot, loaded_before, request)
 
-        # Admission: at most `max_concurrency` running, at most `max_queue` waiting.
-        if slot.semaphore.locked() and slot.waiting >= slot.cfg.max_queue:
-            raise ResourceExhausted(
-                f"model {slot.model_id!r} has too many queued requests; retry later",
-                subject=slot.model_id,
-                reason="MODEL_QUEUE_FULL",
-                retry_after_s=1.0,
-            )
-        slot.waiting += 1
-        try:
-            await slot.semaphore.acquire()
-        finally:
-            slot.waiting -= 1
-
+        # Admission: at most `max_concurrency` running, at most `max_queue` waiting, fair across
+        # API keys. From here the permit is released exactly once: by the generation thread when
+        # it ends, by the encode thread's completion if the caller went away while it ran, or
+        # below when anything fails before the thread starts.
+        permit = await slot.admission.acquire()
         job: _Job | None = None
+        encode_owns_permit = False
         try:
+            if self._closed:  # closed while this request waited: do not load the model again
+                raise Unavailable(
+                    "the local backend is shutting down", reason="BACKEND_SHUTTING_DOWN"
+                )
+            loaded = await self._ensure_loaded(slot)
+            if loaded_before is None:
+                _check_prompt_bound(slot, loaded, request)
+            encode = asyncio.ensure_future(
+                asyncio.to_thread(_encode, loaded, request, slot.model_id)
+            )
+            try:
+                # Shielded: a thread cannot be interrupted, so a cancelled caller keeps its slot
+                # until the tokenizer is done with it, or the concurrency limit would not bound
+                # the CPU spent tokenizing.
+                prompt_ids = await asyncio.shield(encode)
+            except asyncio.CancelledError:
+                if not encode.done():
+                    encode_owns_permit = True
+                    encode.add_done_callback(functools.partial(_release_after, permit))
+                raise
+            max_new_tokens = _check_lengths(slot, loaded, request, len(prompt_ids))
             if self._closed:
                 raise Unavailable(
                     "the local backend is shutting down", reason="BACKEND_SHUTTING_DOWN"
                 )
-            job = _Job(asyncio.get_running_loop(), slot)
+            job = _Job(asyncio.get_running_loop(), slot, permit)
             gen_kwargs = _generation_kwargs(
                 loaded, params, prompt_ids, max_new_tokens, job, ignore_eos
             )
             self._start(job, loaded, gen_kwargs)
         except BaseException:
-            if job is None or job.thread is None:
-                slot.semaphore.release()
+            if not encode_owns_permit and (job is None or job.thread is None):
+                permit.release()
             raise
 
         stream = self._stream(job, loaded, params, prompt_ids, max_new_tokens, ignore_eos)
@@ -409,7 +448,7 @@ class TransformersTextBackend(Backend):
                 self._finished_tokens += job.generated
                 self._jobs.discard(job)
                 with contextlib.suppress(RuntimeError):  # loop closed: nothing left to release
-                    job.loop.call_soon_threadsafe(slot.semaphore.release)
+                    job.loop.call_soon_threadsafe(job.permit.release)
 
         job.thread = threading.Thread(
             target=run, name=f"pluggably-generate:{slot.cfg.name}", daemon=True
@@ -531,6 +570,7 @@ class TransformersTextBackend(Backend):
                 slot.load_task = None  # the next request tries again
 
     async def _load(self, slot: _Slot) -> _Loaded:
+        started = time.perf_counter()
         try:
             loaded = await asyncio.to_thread(_load_model, slot.cfg, slot.model_id)
         except Exception:
@@ -542,10 +582,17 @@ class TransformersTextBackend(Backend):
             raise Unavailable("the local backend is shutting down", reason="BACKEND_SHUTTING_DOWN")
         slot.loaded = loaded
         slot.load_failed = False
+        metrics.observe_model_load(slot.model_id, time.perf_counter() - started)
+        self._report_loaded()
         if loaded.device.type == "cuda":
             self._used_cuda = True
         logger.info("loaded local model %s on %s", slot.model_id, loaded.device)
         return loaded
+
+    def _report_loaded(self) -> None:
+        metrics.set_loaded_models(
+            self.provider, sum(slot.loaded is not None for slot in self._slots.values())
+        )
 
     # ---- shutdown ------------------------------------------------------------------------
 
@@ -568,6 +615,7 @@ class TransformersTextBackend(Backend):
                     await slot.load_task
             slot.loaded = None
             slot.load_task = None
+        self._report_loaded()
         if self._used_cuda and "torch" in sys.modules:
             import gc
 
@@ -580,6 +628,13 @@ class TransformersTextBackend(Backend):
 # --------------------------------------------------------------------------------------------
 # Helpers that run without torch
 # --------------------------------------------------------------------------------------------
+
+
+def _release_after(permit: Permit, task: asyncio.Future[Any]) -> None:
+    """Releases `permit` once `task`, which nobody awaits any more, has ended."""
+    if not task.cancelled():
+        task.exception()  # retrieved, so an abandoned failure is not reported as unhandled
+    permit.release()
 
 
 def _load_failed(slot: _Slot, retry_after_s: float) -> Unavailable:
@@ -640,6 +695,148 @@ def _sampling_defaults(gen_config: dict[str, Any] | None) -> dict[str, Any]:
     if isinstance(gen_config.get("repetition_penalty"), int | float):
         out["repetition_penalty"] = float(gen_config["repetition_penalty"])
     return out
+
+
+def _check_prompt_bound(slot: _Slot, loaded: _Loaded, request: GenerationRequest) -> None:
+    """Rejects, without tokenizing, a prompt too long to fit the context whatever its tokens.
+
+    No token of the vocabulary stands for more than `chars_per_token` characters of the prompt
+    (see `_chars_per_token`), so a prompt of N characters has at least N / chars_per_token
+    tokens; one longer than (context - 1) * chars_per_token characters therefore has at least
+    `context` tokens, which `_check_lengths` would refuse after tokenizing it. Chat templates
+    only add text around the messages (role headers, control tokens), so counting the message
+    contents alone undercounts, which keeps the bound sound; contents are counted stripped
+    because templates commonly `trim` them.
+    """
+    limit = loaded.max_prompt_chars
+    if limit is None:
+        return
+    if request.is_chat:
+        chars = sum(
+            len(m.content.strip())
+            for m in request.messages
+            if loaded.counts_assistant_text or m.role != "assistant"
+        )
+    else:
+        chars = len(request.prompt or "")
+    if chars > limit:
+        raise InvalidArgument(
+            [
+                FieldViolation(
+                    "messages" if request.is_chat else "prompt",
+                    f"the prompt has {chars} characters, more than fit in the "
+                    f"{loaded.context_length}-token context of model {slot.model_id!r} "
+                    f"(at most {limit} characters), which leaves no room to generate",
+                )
+            ]
+        )
+
+
+def _chars_per_token(tokenizer: Any) -> int | None:
+    """The most characters of input text that one token can stand for, or None if unbounded
+    or not known.
+
+    Read from the fast tokenizer's own description (`tokenizer.json`) and sound only where the
+    pipeline never drops or merges away input: a BPE model whose alphabet covers every input
+    (byte-level, where each character of a vocabulary entry is one byte and a text character is
+    at least one byte, or byte fallback), normalizers that do not shrink the text by more than a
+    known factor, and pre-tokenizers that keep every character. Anything else (WordPiece or
+    Unigram with an unknown token that may swallow a whole word, pre-tokenizers that drop
+    whitespace, `Strip`/`StripAccents`/`Precompiled` normalizers, added tokens that absorb
+    neighbouring whitespace) gives None, and the prompt is tokenized to find out.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    try:
+        spec = json.loads(backend.to_str())
+    except (AttributeError, TypeError, ValueError):
+        return None
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        return None
+    if not (_has_part(spec.get("pre_tokenizer"), "ByteLevel") or model.get("byte_fallback")):
+        return None
+    if (
+        model.get("unk_token") is not None
+        and model.get("fuse_unk")
+        and not model.get("byte_fallback")
+    ):
+        # A run of unknown characters becomes one token. (Llama 2 sets fuse_unk too, but its
+        # byte fallback turns unknown characters into byte tokens instead.)
+        return None
+    shrink = _normalizer_shrink(spec.get("normalizer"))
+    if shrink is None or not _pre_tokenizer_keeps_text(spec.get("pre_tokenizer")):
+        return None
+    added = spec.get("added_tokens") or []
+    if any(a.get("lstrip") or a.get("rstrip") for a in added):
+        return None
+    vocab = model.get("vocab") or {}
+    # Entries longer than the text they cover (a `##` prefix, a `<0x0A>` byte token) only make
+    # the bound looser, never wrong.
+    longest = max([len(t) for t in vocab] + [len(a.get("content") or "") for a in added] + [0])
+    return longest * shrink if longest > 0 else None
+
+
+def _has_part(component: Any, kind: str) -> bool:
+    if not isinstance(component, dict):
+        return False
+    if component.get("type") == kind:
+        return True
+    parts = component.get("pretokenizers") or component.get("normalizers") or []
+    return any(_has_part(p, kind) for p in parts)
+
+
+#: Normalizers that never shorten the text.
+_NON_SHRINKING_NORMALIZERS = frozenset({"NFD", "NFKD", "Lowercase", "Prepend", "ByteLevel"})
+#: NFC/NFKC compose characters: an output character's canonical decomposition has at most four
+#: code points (e.g. U+1F82), so the text shrinks at most fourfold.
+_COMPOSING_NORMALIZERS = frozenset({"NFC", "NFKC"})
+_MAX_COMPOSITION = 4
+
+
+def _normalizer_shrink(normalizer: Any) -> int | None:
+    """How many input characters one normalized character can stand for; None if unbounded."""
+    if normalizer is None:
+        return 1
+    if not isinstance(normalizer, dict):
+        return None
+    kind = normalizer.get("type")
+    if kind == "Sequence":
+        factor = 1
+        for part in normalizer.get("normalizers") or []:
+            f = _normalizer_shrink(part)
+            if f is None:
+                return None
+            factor *= f
+        return factor
+    if kind in _NON_SHRINKING_NORMALIZERS:
+        return 1
+    if kind in _COMPOSING_NORMALIZERS:
+        return _MAX_COMPOSITION
+    if kind == "Replace":
+        pattern = (normalizer.get("pattern") or {}).get("String")
+        content = normalizer.get("content")
+        if not isinstance(pattern, str) or not isinstance(content, str) or not content:
+            return None  # a regex may match any length; an empty replacement deletes
+        return max(1, math.ceil(len(pattern) / len(content)))
+    return None
+
+
+_TEXT_KEEPING_PRE_TOKENIZERS = frozenset({"ByteLevel", "Metaspace", "Digits", "UnicodeScripts"})
+
+
+def _pre_tokenizer_keeps_text(pre: Any) -> bool:
+    if pre is None:
+        return True
+    if not isinstance(pre, dict):
+        return False
+    kind = pre.get("type")
+    if kind == "Sequence":
+        return all(_pre_tokenizer_keeps_text(p) for p in pre.get("pretokenizers") or [])
+    if kind in ("Split", "Punctuation"):
+        return pre.get("behavior") != "Removed"
+    return kind in _TEXT_KEEPING_PRE_TOKENIZERS
 
 
 def _check_lengths(
@@ -765,6 +962,8 @@ def _load_model(cfg: LocalTextModel, model_id: str) -> _Loaded:
             raise RuntimeError(
                 f"cannot tell the context length of {model_id}; configure context_length"
             )
+    per_token = _chars_per_token(tokenizer)
+    template = getattr(tokenizer, "chat_template", None)
     return _Loaded(
         model=model,
         tokenizer=tokenizer,
@@ -773,6 +972,8 @@ def _load_model(cfg: LocalTextModel, model_id: str) -> _Loaded:
         eos_ids=eos_ids,
         context_length=context,
         encode_lock=threading.Lock(),
+        max_prompt_chars=None if per_token is None else (context - 1) * per_token,
+        counts_assistant_text=not (isinstance(template, str) and "</think>" in template),
     )
 
 
