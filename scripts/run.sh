@@ -13,9 +13,14 @@ mkdir -p var
 # Auth is on by default: make sure a development key exists (created once, admin scope) and
 # say where it is. The README's examples read it from var/dev-key.
 .venv/bin/pluggably keys ensure-dev --out var/dev-key
-# The shipped Envoy config with this run's ports (the same renderer the tests and bench use).
-.venv/bin/python -m pluggably.devtools.envoy render --grpc-port "$GRPC_PORT" --http-port "$HTTP_PORT" \
-    --http-host "$HTTP_HOST" --admin-port "$ADMIN_PORT" -o "var/envoy-${HTTP_PORT}.yaml"
+# The shipped Envoy config with this run's ports and the gateway config's size limits (the same
+# renderer the tests and bench use). TLS on Envoy's listener: ENVOY_TLS_CERT and ENVOY_TLS_KEY
+# (PEM files); a non-loopback HTTP_HOST without them needs ALLOW_PLAINTEXT_REMOTE=1.
+envoy_flags=()
+if [ -n "${ENVOY_TLS_CERT:-}" ]; then envoy_flags+=(--tls-cert "$ENVOY_TLS_CERT" --tls-key "${ENVOY_TLS_KEY:?ENVOY_TLS_KEY goes with ENVOY_TLS_CERT}"); fi
+if [ "${ALLOW_PLAINTEXT_REMOTE:-0}" = 1 ]; then envoy_flags+=(--allow-plaintext-remote); fi
+.venv/bin/python -m pluggably.devtools.envoy render --from-config --grpc-port "$GRPC_PORT" --http-port "$HTTP_PORT" \
+    --http-host "$HTTP_HOST" --admin-port "$ADMIN_PORT" "${envoy_flags[@]}" -o "var/envoy-${HTTP_PORT}.yaml"
 
 server_pid=""; envoy_pid=""
 # The server drains first (in-flight requests get its grace period, still through Envoy), then

@@ -51,6 +51,7 @@ log = logging.getLogger("pluggably.server")
 # After the grace period, streams whose generation was cut short get this long to send their
 # final chunk before grpc cancels them.
 _FLUSH_S = 2.0
+_METADATA_HEADROOM = 4096
 
 SERVICE_NAMES = tuple(
     module.DESCRIPTOR.services_by_name[name].full_name
@@ -110,9 +111,15 @@ class GatewayServer:
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 # One limit, not grpc's soft/hard pair (8/16 KiB by default), between which a
-                # request passes or fails at random; Envoy's header limit is rendered from it.
-                ("grpc.max_metadata_size", config.server.max_metadata_bytes),
-                ("grpc.absolute_max_metadata_size", config.server.max_metadata_bytes),
+                # request passes or fails at random. Envoy answers 431 at max_metadata_bytes;
+                # the headroom covers what it adds (x-forwarded-proto, x-request-id,
+                # x-envoy-original-path) and grpc's 32 bytes per entry, so a REST caller meets
+                # one limit, Envoy's, never a random 429 from here.
+                ("grpc.max_metadata_size", config.server.max_metadata_bytes + _METADATA_HEADROOM),
+                (
+                    "grpc.absolute_max_metadata_size",
+                    config.server.max_metadata_bytes + _METADATA_HEADROOM,
+                ),
                 # Without this a second gateway on the same port would start and silently share
                 # the traffic instead of failing.
                 ("grpc.so_reuseport", 0),
