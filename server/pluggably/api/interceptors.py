@@ -18,7 +18,7 @@ import logging
 import math
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -42,8 +42,8 @@ _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 _CODE_NAMES = {value: name for name, value in code_pb2.Code.items()}
 
 UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
-StreamBehavior = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
-BidiBehavior = Callable[[AsyncIterator[Any], grpc.aio.ServicerContext], AsyncIterator[Any]]
+StreamBehavior = Callable[[Any, grpc.aio.ServicerContext], AsyncGenerator[Any, None]]
+BidiBehavior = Callable[[AsyncIterator[Any], grpc.aio.ServicerContext], AsyncGenerator[Any, None]]
 
 _MALFORMED = object()
 
@@ -173,7 +173,9 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
     ) -> StreamBehavior:
         max_s = self._max_stream_s
 
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def wrapped(
+            request: Any, context: grpc.aio.ServicerContext
+        ) -> AsyncGenerator[Any, None]:
             call = _Call(method, context, hooks, streaming=True)
             ctx = call.ctx
             first: Message | None = None
@@ -233,10 +235,10 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
     ) -> BidiBehavior:
         async def wrapped(
             requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
-        ) -> AsyncIterator[Any]:
+        ) -> AsyncGenerator[Any, None]:
             call = _Call(method, context, hooks, streaming=True)
 
-            async def checked() -> AsyncIterator[Any]:
+            async def checked() -> AsyncGenerator[Any, None]:
                 async for request in requests:
                     if request is _MALFORMED:
                         # Raised into the handler's loop; the handler ends and the error

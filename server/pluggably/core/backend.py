@@ -8,7 +8,7 @@ servicers. One instance serves one configured provider name (`openai`, `groq`, `
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from pluggably.core.params import NO_PROVIDER_OPTIONS, ParameterSpec, ProviderOptionsPolicy
 from pluggably.core.types import Chunk, GenerationRequest, ModelInfo
@@ -39,7 +39,7 @@ class Backend(abc.ABC):
         return next((m for m in await self.list_models() if m.name == name), None)
 
     @abc.abstractmethod
-    def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
         """Generates for `request.model`, yielding output chunks and finally one `DoneChunk`.
 
         Raises `InvalidArgument` for requests the model cannot take (checked before the first

@@ -465,9 +465,9 @@ class Generator:
         out: dict[str, Any] = {"type": "object", "properties": properties}
         description = self.comment(info.file, info.path)
         notes = []
-        for index, members in sorted(oneofs.items()):
+        for index, oneof_fields in sorted(oneofs.items()):
             oneof_text = self.comment(info.file, (*info.path, MSG_ONEOF, index))
-            names = ", ".join(f"`{n}`" for n in members)
+            names = ", ".join(f"`{n}`" for n in oneof_fields)
             note = f"Only one of {names} may be set (oneof `{m.oneof_decl[index].name}`)."
             notes.append(f"{note} {oneof_text}".strip())
         description = "\n\n".join([d for d in (description, *notes) if d])

@@ -11,7 +11,7 @@ silently trimmed. The same checks apply to fallback models, since any of them ma
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import TYPE_CHECKING
 
 from pluggably.core.context import current_principal
@@ -47,7 +47,7 @@ class Dataplane:
         model: str,
         fallbacks: Sequence[str] = (),
         modality: Modality | None = None,
-    ) -> AsyncIterator[tuple[str, Chunk]]:
+    ) -> AsyncGenerator[tuple[str, Chunk], None]:
         """Checks the request against every route, then returns the stream of (serving model
         id, chunk). Returned rather than re-yielded: every stream chunk passes each generator
         layer, and this one would only relay."""

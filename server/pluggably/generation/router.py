@@ -8,7 +8,7 @@ import contextlib
 import copy
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 
 from pluggably.core.backend import Backend
 from pluggably.core.errors import (
@@ -120,7 +120,7 @@ class Router:
 
     async def stream(
         self, routes: Sequence[Route], request: GenerationRequest
-    ) -> AsyncIterator[tuple[str, Chunk]]:
+    ) -> AsyncGenerator[tuple[str, Chunk], None]:
         """Yields (serving model id, chunk). A model that fails before producing output, or
         produces none within the first-chunk timeout while a fallback is left, is abandoned for
         the next route. When every route failed, the error of the last one is raised, with a

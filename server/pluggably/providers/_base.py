@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from typing import Any, ClassVar, Protocol
 
 import orjson
@@ -332,7 +332,7 @@ class HostedBackend(Backend, abc.ABC):
             err, provider=self.provider, model_id=model_id, secrets=self.secrets
         )
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
         info = await self.get_model(request.model)
         if info is None:
             raise ModelNotFound(f"{self.provider}/{request.model}")
@@ -397,7 +397,7 @@ class HostedBackend(Backend, abc.ABC):
 
     async def _exchange(
         self, path: str, payload: bytes, request: GenerationRequest, info: ModelInfo, stream: bool
-    ) -> AsyncIterator[Chunk]:
+    ) -> AsyncGenerator[Chunk, None]:
         query = None
         if stream:
             path, query = self.stream_path(path)

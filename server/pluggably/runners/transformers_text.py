@@ -36,7 +36,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -286,7 +286,12 @@ class TransformersTextBackend(Backend):
         # rescan will refresh them when it lands.
         unread = [slot for slot in self._slots.values() if slot.files is None or not slot.files[0]]
         if unread:
-            await asyncio.to_thread(lambda: [self._read_files(slot) for slot in unread])
+
+            def read_unread() -> None:
+                for slot in unread:
+                    self._read_files(slot)
+
+            await asyncio.to_thread(read_unread)
         return [self._describe(slot) for slot in self._slots.values()]
 
     @staticmethod
@@ -343,7 +348,7 @@ class TransformersTextBackend(Backend):
 
     # ---- generation ----------------------------------------------------------------------
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
         slot = self._slots.get(request.model)
         if slot is None:
             raise ModelNotFound(f"{self.provider}/{request.model}")
@@ -469,7 +474,7 @@ class TransformersTextBackend(Backend):
         prompt_ids: list[int],
         max_new_tokens: int,
         ignore_eos: bool,
-    ) -> AsyncIterator[Chunk]:
+    ) -> AsyncGenerator[Chunk, None]:
         tokenizer = loaded.tokenizer
         detok = IncrementalDetokenizer(
             lambda ids: tokenizer.decode(

@@ -177,7 +177,8 @@ def sample_from_schema(schema: Any, root: Any = None, depth: int = 0) -> Any:
         else ("object" if "properties" in schema else "array" if "items" in schema else "string")
     )
     if kind == "object":
-        properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        listed = schema.get("properties")
+        properties: dict[str, Any] = listed if isinstance(listed, dict) else {}
         names = list(properties)
         names += [n for n in schema.get("required", ()) if isinstance(n, str) and n not in names]
         return {n: sample_from_schema(properties.get(n, {}), root, depth + 1) for n in names}

@@ -96,7 +96,7 @@ def gemini_model(
     }
 
 
-_SAMPLING = {"temperature": 1, "topP": 0.95, "topK": 64, "maxTemperature": 2}
+_SAMPLING: dict[str, Any] = {"temperature": 1, "topP": 0.95, "topK": 64, "maxTemperature": 2}
 
 DEFAULT_MODELS: tuple[dict[str, Any], ...] = (
     gemini_model("gemini-2.5-flash", "Gemini 2.5 Flash", thinking=True, **_SAMPLING),
@@ -1352,8 +1352,8 @@ def _last_turn_results(body: dict[str, Any]) -> list[str] | None:
     """The function results the conversation ends with, as text; None when it ends otherwise."""
     contents = body.get("contents") or []
     last = (contents[-1] or {}) if contents else {}
-    results = [(p or {}).get("functionResponse") for p in last.get("parts") or []]
-    results = [r for r in results if r]
+    responses = [(p or {}).get("functionResponse") for p in last.get("parts") or []]
+    results = [r for r in responses if r]
     if not results:
         return None
     texts = []

@@ -645,12 +645,12 @@ class _RequestReader:
     def _read_tool_choice(body: dict[str, Any], tools: list[dict[str, Any]]) -> Any:
         choice = body.get("tool_choice")
         if not tools:
-            for name in ("tool_choice", "parallel_tool_calls"):
-                if body.get(name) is not None:
+            for key in ("tool_choice", "parallel_tool_calls"):
+                if body.get(key) is not None:
                     raise RequestRejected(
-                        f"Invalid value for '{name}': '{name}' is only allowed when 'tools' are "
+                        f"Invalid value for '{key}': '{key}' is only allowed when 'tools' are "
                         "specified.",
-                        param=name,
+                        param=key,
                     )
             return "none"
         if choice is None:
