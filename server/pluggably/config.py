@@ -47,9 +47,10 @@ class TlsConfig(StrictModel):
     # PEM files. Both or neither: with both, the listener speaks only TLS.
     cert_file: Path | None = None
     key_file: Path | None = None
-    # PEM bundle of the CAs whose client certificates are accepted (mutual TLS).
+    # PEM bundle of the CAs whose client certificates are required (mutual TLS).
     client_ca_file: Path | None = None
-    # With `client_ca_file`: refuse clients that present no certificate.
+    # Must be true with `client_ca_file`: gRPC for Python cannot verify a client certificate
+    # that is optional (it would accept any), so client certificates are all or nothing.
     require_client_cert: bool = False
 
     @model_validator(mode="after")
@@ -60,6 +61,11 @@ class TlsConfig(StrictModel):
             raise ValueError("client_ca_file needs cert_file and key_file (TLS) as well")
         if self.require_client_cert and self.client_ca_file is None:
             raise ValueError("require_client_cert needs client_ca_file")
+        if self.client_ca_file is not None and not self.require_client_cert:
+            raise ValueError(
+                "client_ca_file needs require_client_cert: true (gRPC for Python cannot verify "
+                "an optional client certificate)"
+            )
         return self
 
     @property
@@ -204,7 +210,8 @@ def _provider_sections() -> Any:
     if not models:
         return dict[ProviderName, Any]
     union = models[0] if len(models) == 1 else Union[models]  # noqa: UP007 - a runtime tuple
-    return dict[ProviderName, Annotated[union, Field(discriminator="kind")]]
+    # A union built at run time from the registered kinds is no static type; pydantic reads it.
+    return dict[ProviderName, Annotated[union, Field(discriminator="kind")]]  # type: ignore[valid-type]
 
 
 class Config(StrictModel):

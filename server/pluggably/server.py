@@ -126,10 +126,10 @@ class GatewayServer:
             ],
         )
         generate_service_pb2_grpc.add_GenerateServiceServicer_to_server(
-            GenerateServicer(self.dataplane), server
+            GenerateServicer(self.dataplane, log_prompts=config.logging.log_prompts), server
         )
         stream_service_pb2_grpc.add_StreamServiceServicer_to_server(
-            StreamServicer(self.dataplane), server
+            StreamServicer(self.dataplane, log_prompts=config.logging.log_prompts), server
         )
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(
             ModelServicer(self.router), server

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 from pluggably.core.context import RequestContext, current
-from pluggably.core.types import Chunk, DoneChunk, ProgressChunk
+from pluggably.core.types import Chunk, DoneChunk, GenerationRequest, Modality, ProgressChunk
 from pluggably.generation.convert import (
     ResponseAccumulator,
     generation_request_from_pb,
@@ -24,6 +25,8 @@ from pluggably.v1 import (
     stream_service_pb2,
     stream_service_pb2_grpc,
 )
+
+prompt_log = logging.getLogger("pluggably.prompts")
 
 
 def _deadline(context: Any) -> float | None:
@@ -44,21 +47,46 @@ def _note(ctx: RequestContext, model: str, chunk: Chunk) -> None:
         ctx.output_started()
 
 
+def _begin(
+    request: generation_pb2.GenerateRequest,
+    context: Any,
+    ctx: RequestContext | None,
+    *,
+    stream: bool,
+    log_prompt: bool,
+) -> tuple[GenerationRequest, Modality | None]:
+    request_id = ctx.request_id if ctx is not None else ""
+    if ctx is not None:
+        ctx.requested_model = request.model
+        ctx.operation = "chat" if request.messages else "text_completion"
+    domain, modality = generation_request_from_pb(
+        request, request_id, stream=stream, deadline=_deadline(context)
+    )
+    if log_prompt and prompt_log.isEnabledFor(logging.DEBUG):
+        # Only when the operator switched it on (logging.log_prompts): prompts are user data.
+        prompt_log.debug(
+            "prompt",
+            extra={
+                "request_id": request_id,
+                "model": request.model,
+                "prompt": domain.prompt,
+                "messages": [{"role": m.role, "content": m.content} for m in domain.messages],
+            },
+        )
+    return domain, modality
+
+
 class GenerateServicer(generate_service_pb2_grpc.GenerateServiceServicer):
-    def __init__(self, dataplane: Dataplane) -> None:
+    def __init__(self, dataplane: Dataplane, *, log_prompts: bool = False) -> None:
         self._dataplane = dataplane
+        self._log_prompts = log_prompts
 
     async def Generate(
         self, request: generation_pb2.GenerateRequest, context: Any
     ) -> generate_service_pb2.GenerateResponse:
         ctx = current()
         request_id = ctx.request_id if ctx is not None else ""
-        if ctx is not None:
-            ctx.requested_model = request.model
-            ctx.operation = "chat" if request.messages else "text_completion"
-        domain, modality = generation_request_from_pb(
-            request, request_id, stream=False, deadline=_deadline(context)
-        )
+        domain, modality = _begin(request, context, ctx, stream=False, log_prompt=self._log_prompts)
         result = ResponseAccumulator(request_id)
         stream = await self._dataplane.generate(
             domain, request.model, request.fallback_models, modality
@@ -72,20 +100,16 @@ class GenerateServicer(generate_service_pb2_grpc.GenerateServiceServicer):
 
 
 class StreamServicer(stream_service_pb2_grpc.StreamServiceServicer):
-    def __init__(self, dataplane: Dataplane) -> None:
+    def __init__(self, dataplane: Dataplane, *, log_prompts: bool = False) -> None:
         self._dataplane = dataplane
+        self._log_prompts = log_prompts
 
     async def StreamGenerate(
         self, request: generation_pb2.GenerateRequest, context: Any
     ) -> AsyncIterator[stream_service_pb2.StreamGenerateResponse]:
         ctx = current()
         request_id = ctx.request_id if ctx is not None else ""
-        if ctx is not None:
-            ctx.requested_model = request.model
-            ctx.operation = "chat" if request.messages else "text_completion"
-        domain, modality = generation_request_from_pb(
-            request, request_id, stream=True, deadline=_deadline(context)
-        )
+        domain, modality = _begin(request, context, ctx, stream=True, log_prompt=self._log_prompts)
         stream = await self._dataplane.generate(
             domain, request.model, request.fallback_models, modality
         )

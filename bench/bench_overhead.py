@@ -1,0 +1,241 @@
+#!/usr/bin/env python3
+"""What auth, rate limits, metrics and the access log add to one unary call (target < 100 µs).
+
+Two measurements, each interleaved round by round so machine drift hits every variant alike:
+
+1. **Hook chain, in process**: the gateway's interceptor wrapping a trivial unary handler, called
+   directly (no network), with (a) no hooks, (b) each hook alone, (c) the whole default chain
+   (access log to a JSON handler writing to /dev/null, metrics, API key check against a real
+   SQLite store, stream cap, rate limits with a requests-per-minute budget). The difference
+   (c) - (a) is what the operational surface costs per call.
+2. **End to end over gRPC**: two real gateways on loopback serving `GetModel` from a trivial
+   backend, one with `auth`, metrics and access log off, one with the defaults; calls alternate
+   between them. Loopback noise is tens of µs, so this confirms (1) rather than replacing it.
+
+    python bench/bench_overhead.py           # ~30 s
+    python bench/bench_overhead.py --quick   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import grpc
+
+from pluggably.api.hooks import CallHook
+from pluggably.api.interceptors import GatewayInterceptor
+from pluggably.config import Config, KeyLimitsConfig, LoggingConfig
+from pluggably.core.backend import Backend
+from pluggably.core.context import KeyLimits
+from pluggably.core.types import Chunk, GenerationRequest, Modality, ModelInfo
+from pluggably.observability.logging import AccessLogHook, configure_logging
+from pluggably.observability.metrics import MetricsHook
+from pluggably.security.hooks import AuthHook, RateLimitHook, StreamCapHook
+from pluggably.security.keys import KeyStore
+from pluggably.security.ratelimit import MemoryRateLimiter
+from pluggably.server import GatewayServer
+from pluggably.v1 import model_service_pb2, model_service_pb2_grpc
+
+METHOD = "/pluggably.v1.ModelService/GetModel"
+TARGET_US = 100.0
+
+
+class _Context:
+    """The parts of grpc.aio.ServicerContext the interceptor uses, as cheap as they can be."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:50000"
+
+    async def send_initial_metadata(self, metadata: Any) -> None:
+        return None
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    async def abort(self, *args: Any) -> None:
+        raise RuntimeError("the bench call was refused")
+
+
+class _Details(NamedTuple):
+    method: str
+    invocation_metadata: tuple[tuple[str, str], ...]
+
+
+async def _handler(request: Any, context: Any) -> Any:
+    return request
+
+
+def _chain(variant: str, store: KeyStore) -> list[CallHook]:
+    limits = KeyLimitsConfig(requests_per_minute=10**9)
+    hooks: dict[str, Callable[[], list[CallHook]]] = {
+        "none": lambda: [],
+        "access log": lambda: [AccessLogHook(LoggingConfig())],
+        "metrics": lambda: [MetricsHook()],
+        "auth": lambda: [AuthHook(store)],
+        "rate limit": lambda: [RateLimitHook(MemoryRateLimiter(lease_ttl_s=660), limits)],
+        "all (default chain)": lambda: [
+            AccessLogHook(LoggingConfig()),
+            MetricsHook(),
+            AuthHook(store),
+            StreamCapHook(256),
+            RateLimitHook(MemoryRateLimiter(lease_ttl_s=660), limits),
+        ],
+    }
+    return hooks[variant]()
+
+
+async def hook_chain(rounds: int, calls: int) -> dict[str, list[float]]:
+    """µs per call for each variant, one sample per round."""
+    workdir = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
+    store = KeyStore(workdir / "keys.db")
+    key, _ = store.create("bench", ["admin"], limits=KeyLimits(requests_per_minute=10**9))
+    context = _Context((("authorization", f"Bearer {key}"), ("user-agent", "bench")))
+    variants = ["none", "access log", "metrics", "auth", "rate limit", "all (default chain)"]
+    wrapped = {}
+    for variant in variants:
+        interceptor = GatewayInterceptor(_chain(variant, store))
+        handler = grpc.unary_unary_rpc_method_handler(_handler)
+
+        async def continuation(_details: Any, handler: Any = handler) -> Any:
+            return handler
+
+        details = _Details(METHOD, ())
+        rewrapped = await interceptor.intercept_service(continuation, details)
+        wrapped[variant] = rewrapped.unary_unary
+    samples: dict[str, list[float]] = {v: [] for v in variants}
+    request = model_service_pb2.GetModelRequest(id="bench/m")
+    for _ in range(rounds):
+        for variant in variants:
+            call = wrapped[variant]
+            start = time.perf_counter()
+            for _ in range(calls):
+                await call(request, context)
+            samples[variant].append((time.perf_counter() - start) / calls * 1e6)
+    store.close()
+    return samples
+
+
+class _TrivialBackend(Backend):
+    provider = "bench"
+
+    async def list_models(self) -> list[ModelInfo]:
+        return [ModelInfo(provider="bench", name="m", modality=Modality.TEXT)]
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        raise NotImplementedError  # the bench only reads models
+        yield  # pragma: no cover
+
+
+async def end_to_end(rounds: int, calls: int) -> dict[str, list[float]]:
+    workdir = Path(tempfile.mkdtemp(prefix="bench-overhead-e2e-"))
+    store = KeyStore(workdir / "keys.db")
+    key, _ = store.create("bench", ["admin"])
+    store.close()
+    base = {"server": {"host": "127.0.0.1", "port": 0}}
+    bare = Config.model_validate(
+        {
+            **base,
+            "auth": {"enabled": False},
+            "metrics": {"enabled": False},
+            "logging": {"access_log": False},
+        }
+    )
+    full = Config.model_validate(
+        {
+            **base,
+            "auth": {"store": str(workdir / "keys.db")},
+            "metrics": {"port": 0},
+            "limits": {"per_key": {"requests_per_minute": 10**9}},
+        }
+    )
+    servers = {
+        "bare (no auth, metrics, log)": GatewayServer(bare, backends=[_TrivialBackend()]),
+        "defaults (auth, limits, metrics, log)": GatewayServer(full, backends=[_TrivialBackend()]),
+    }
+    stubs = {}
+    channels = []
+    for name, server in servers.items():
+        await server.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+        channels.append(channel)
+        stubs[name] = model_service_pb2_grpc.ModelServiceStub(channel)
+    metadata = (("authorization", f"Bearer {key}"),)
+    request = model_service_pb2.GetModelRequest(id="bench/m")
+    samples: dict[str, list[float]] = {name: [] for name in servers}
+    for stub in stubs.values():  # warm up both
+        for _ in range(50):
+            await stub.GetModel(request, metadata=metadata)
+    for _ in range(rounds):
+        for name, stub in stubs.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                await stub.GetModel(request, metadata=metadata)
+            samples[name].append((time.perf_counter() - start) / calls * 1e6)
+    for channel in channels:
+        await channel.close()
+    for server in servers.values():
+        await server.stop(grace=0)
+    return samples
+
+
+def _print(title: str, samples: dict[str, list[float]], baseline: str) -> float:
+    base = statistics.median(samples[baseline])
+    print(f"\n{title}")
+    print(f"  {'variant':40s} {'µs/call (median)':>17s} {'added µs':>9s} {'min':>8s} {'max':>8s}")
+    added_total = 0.0
+    for name, values in samples.items():
+        median = statistics.median(values)
+        added = median - base
+        added_total = added
+        print(f"  {name:40s} {median:17.1f} {added:9.1f} {min(values):8.1f} {max(values):8.1f}")
+    return added_total
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer samples (smoke run)")
+    args = parser.parse_args(argv)
+    # The access log is emitted for real, as JSON, to a handler that discards it: formatting
+    # and redaction are the cost being measured, not the terminal.
+    configure_logging(LoggingConfig())
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(open("/dev/null", "w"))  # lives as long as the run
+    rounds, calls = (5, 200) if args.quick else (15, 2000)
+    chain = asyncio.run(hook_chain(rounds, calls))
+    added = _print(
+        f"Hook chain in process ({rounds} rounds x {calls} calls, interleaved)", chain, "none"
+    )
+    e2e_rounds, e2e_calls = (3, 100) if args.quick else (10, 400)
+    e2e = asyncio.run(end_to_end(e2e_rounds, e2e_calls))
+    e2e_added = _print(
+        f"GetModel over gRPC on loopback ({e2e_rounds} rounds x {e2e_calls} calls, interleaved)",
+        e2e,
+        "bare (no auth, metrics, log)",
+    )
+    verdict = "met" if added < TARGET_US else "NOT met"
+    print(
+        f"\nTarget: auth + limits + metrics + access log add < {TARGET_US:.0f} µs per unary call."
+        f"\n  in process: {added:.1f} µs ({verdict}); end to end: {e2e_added:.1f} µs"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
