@@ -83,3 +83,36 @@ def test_error_names_the_variable_that_set_a_nested_field() -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(environ={"PLUGGABLY_LOCAL__MODELS__0__NAME": "x"})
     assert "PLUGGABLY_LOCAL__MODELS__0__NAME" in str(caught.value)
+
+
+SECRET = "sk-live-abcdef0123456789secret"
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"PLUGGABLY_ALIASES": f"{{fast: {SECRET}}}"},  # a key pasted into the wrong variable
+        {"PLUGGABLY_ALIASES": f"{{fast: [{SECRET}"},  # ...and not even valid YAML
+        {"PLUGGABLY_SERVER__PORT": SECRET},
+        {"PLUGGABLY_LOCAL__MODELS": f"[{{name: m, path: /m, {SECRET}: 1}}]"},
+    ],
+)
+def test_config_errors_name_the_variable_never_its_value(environ: dict[str, str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(environ=environ)
+    text = str(caught.value)
+    (variable,) = environ
+    assert variable in text
+    assert SECRET not in text and SECRET[3:15] not in text
+
+
+def test_plaintext_off_loopback_needs_saying_so() -> None:
+    with pytest.raises(ConfigError, match="not loopback and TLS is off"):
+        load_config(environ={"PLUGGABLY_SERVER__HOST": "0.0.0.0"})
+    config = load_config(
+        environ={
+            "PLUGGABLY_SERVER__HOST": "0.0.0.0",
+            "PLUGGABLY_SERVER__ALLOW_PLAINTEXT_REMOTE": "true",
+        }
+    )
+    assert config.server.host == "0.0.0.0"

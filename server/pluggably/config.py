@@ -31,6 +31,7 @@ from pluggably.core.configmodel import StrictModel
 from pluggably.runners.config import LocalConfig
 
 ENV_PREFIX = "PLUGGABLY_"
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _PROVIDER_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
@@ -297,7 +298,9 @@ def load_config(
             loc, message = _describe(err)
             variable = _origin(loc, sources)
             if variable is not None:
-                message = _redact(message, environ[variable.rsplit(" ", 1)[-1]])
+                raw = environ[variable.rsplit(" ", 1)[-1]]
+                message = _redact(message, raw)
+                loc = _redact(loc, raw)
             origin = variable or (f"file {path}" if path else "defaults")
             lines.append(f"  {loc or '<root>'}: {message} (from {origin})")
         raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
@@ -337,7 +340,9 @@ def _redact(message: str, raw: str) -> str:
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
-            stack.extend(item.keys())
+            # Keys shaped like field names are names (`path`, an alias); anything else in a key
+            # position may be a value pasted in the wrong place.
+            stack.extend(k for k in item if not _IDENTIFIER.match(str(k)))
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
