@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import filecmp
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -172,3 +173,27 @@ def test_baseline_is_the_current_contract_or_older() -> None:
 
 def descriptor_pb2_set():
     return _image(REPO_ROOT / "envoy" / "pluggably.pb")
+
+
+def test_every_rpc_documents_the_scope_it_needs() -> None:
+    """The proto comments are the API docs: each RPC says which key scope it needs, and that
+    is the scope the server enforces (security/scopes.py)."""
+    from pluggably.security.scopes import METHOD_SCOPES
+
+    fds = _image(REPO_ROOT / "envoy" / "pluggably.pb")
+    documented: dict[str, str] = {}
+    for file in fds.file:
+        if not file.package.startswith("pluggably."):
+            continue
+        # path [6, service, 2, method]: FileDescriptorProto.service / ServiceDescriptorProto.method
+        comments = {
+            tuple(loc.path): loc.leading_comments for loc in file.source_code_info.location
+        }
+        for s, service in enumerate(file.service):
+            for m, method in enumerate(service.method):
+                comment = comments.get((6, s, 2, m), "")
+                found = re.search(r"the scope `([a-z:]+)`", comment)
+                documented[f"/{file.package}.{service.name}/{method.name}"] = (
+                    found.group(1) if found else ""
+                )
+    assert documented == METHOD_SCOPES

@@ -63,6 +63,9 @@ class GenerateServiceServicer:
         `PROVIDER_BAD_RESPONSE`); FAILED_PRECONDITION when the gateway's provider setup is wrong
         (`PROVIDER_NOT_CONFIGURED`, `PROVIDER_AUTH_FAILED`); DEADLINE_EXCEEDED when the client's
         deadline passed; CANCELLED when the client gave up.
+
+        Needs an API key with the scope `generate` (header `authorization: Bearer <key>`):
+        UNAUTHENTICATED without a valid key, PERMISSION_DENIED without the scope.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -91,6 +91,9 @@ class ModelServiceServicer:
 
     def ListModels(self, request, context):
         """Lists the models the gateway can route to, local and remote, ordered by id.
+
+        Needs an API key with the scope `models:read` (header `authorization: Bearer <key>`):
+        UNAUTHENTICATED without a valid key, PERMISSION_DENIED without the scope.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -98,6 +101,9 @@ class ModelServiceServicer:
 
     def GetModel(self, request, context):
         """Gets one model by id or alias. NOT_FOUND when no such model is known.
+
+        Needs an API key with the scope `models:read` (header `authorization: Bearer <key>`):
+        UNAUTHENTICATED without a valid key, PERMISSION_DENIED without the scope.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -106,6 +112,9 @@ class ModelServiceServicer:
     def GetModelParameters(self, request, context):
         """Documents the request parameters of one model: types, defaults, ranges, and whether the model
         supports each. NOT_FOUND when no such model is known.
+
+        Needs an API key with the scope `models:read` (header `authorization: Bearer <key>`):
+        UNAUTHENTICATED without a valid key, PERMISSION_DENIED without the scope.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -115,6 +124,9 @@ class ModelServiceServicer:
         """Starts downloading a model into local storage and returns the download at once. Refused with
         RESOURCE_EXHAUSTED up front when the files cannot fit in the storage limits even after
         evicting unpinned idle models.
+
+        Needs an API key with the scope `models:write` (header `authorization: Bearer <key>`):
+        UNAUTHENTICATED without a valid key, PERMISSION_DENIED without the scope.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -122,6 +134,9 @@ class ModelServiceServicer:
 
     def GetDownload(self, request, context):
         """Gets a download by id.
+
+        Needs an API key with the scope `models:read` (header `authorization: Bearer <key>`):
+        UNAUTHENTICATED without a valid key, PERMISSION_DENIED without the scope.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -130,6 +145,9 @@ class ModelServiceServicer:
     def WatchDownload(self, request, context):
         """Streams a download's state: the current state at once, then every change, ending when the
         download succeeds, fails or is cancelled.
+
+        Needs an API key with the scope `models:read` (header `authorization: Bearer <key>`):
+        UNAUTHENTICATED without a valid key, PERMISSION_DENIED without the scope.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -137,6 +155,9 @@ class ModelServiceServicer:
 
     def CancelDownload(self, request, context):
         """Cancels a queued or running download and removes its partial files.
+
+        Needs an API key with the scope `models:write` (header `authorization: Bearer <key>`):
+        UNAUTHENTICATED without a valid key, PERMISSION_DENIED without the scope.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -144,6 +165,9 @@ class ModelServiceServicer:
 
     def DeleteModel(self, request, context):
         """Deletes a local model's files. FAILED_PRECONDITION while the model is serving requests.
+
+        Needs an API key with the scope `models:write` (header `authorization: Bearer <key>`):
+        UNAUTHENTICATED without a valid key, PERMISSION_DENIED without the scope.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -151,6 +175,9 @@ class ModelServiceServicer:
 
     def RescanModels(self, request, context):
         """Scans the configured model folders and the Hugging Face cache again and updates the catalog.
+
+        Needs an API key with the scope `models:write` (header `authorization: Bearer <key>`):
+        UNAUTHENTICATED without a valid key, PERMISSION_DENIED without the scope.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -75,6 +75,9 @@ class StorageServiceServicer:
 
     def GetStorageUsage(self, request, context):
         """Reports bytes used per category and the configured limits.
+
+        Needs an API key with the scope `storage:read` (header `authorization: Bearer <key>`):
+        UNAUTHENTICATED without a valid key, PERMISSION_DENIED without the scope.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -84,6 +87,9 @@ class StorageServiceServicer:
         """Frees disk space now: expired artifacts, unpinned idle models and caches, oldest first,
         until the categories are under their limits (or, with `target_free_bytes`, until that much
         is free).
+
+        Needs an API key with the scope `storage:admin` (header `authorization: Bearer <key>`):
+        UNAUTHENTICATED without a valid key, PERMISSION_DENIED without the scope.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -91,6 +97,9 @@ class StorageServiceServicer:
 
     def ListArtifacts(self, request, context):
         """Lists stored artifacts, newest first.
+
+        Needs an API key with the scope `storage:read` (header `authorization: Bearer <key>`):
+        UNAUTHENTICATED without a valid key, PERMISSION_DENIED without the scope.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -98,6 +107,9 @@ class StorageServiceServicer:
 
     def GetArtifact(self, request, context):
         """Gets one artifact's metadata. NOT_FOUND when it does not exist or has expired.
+
+        Needs an API key with the scope `storage:read` (header `authorization: Bearer <key>`):
+        UNAUTHENTICATED without a valid key, PERMISSION_DENIED without the scope.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -105,6 +117,9 @@ class StorageServiceServicer:
 
     def ReadArtifact(self, request, context):
         """Streams an artifact's bytes. Over REST the response body is the raw file with its media type.
+
+        Needs an API key with the scope `storage:read` (header `authorization: Bearer <key>`):
+        UNAUTHENTICATED without a valid key, PERMISSION_DENIED without the scope.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -112,6 +127,9 @@ class StorageServiceServicer:
 
     def DeleteArtifact(self, request, context):
         """Deletes an artifact.
+
+        Needs an API key with the scope `storage:admin` (header `authorization: Bearer <key>`):
+        UNAUTHENTICATED without a valid key, PERMISSION_DENIED without the scope.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

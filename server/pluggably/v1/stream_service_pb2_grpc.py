@@ -58,6 +58,9 @@ class StreamServiceServicer:
         the call with a status instead, as in `Generate`: NOT_FOUND for an unknown model;
         INVALID_ARGUMENT (with `BadRequest` field violations) for bad parameters; RESOURCE_EXHAUSTED
         when the model's queue is full; UNAVAILABLE when no backend can serve the model now.
+
+        Needs an API key with the scope `generate` (header `authorization: Bearer <key>`):
+        UNAUTHENTICATED without a valid key, PERMISSION_DENIED without the scope.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
