@@ -13,6 +13,16 @@ from pluggably.core import errors
 
 ERROR_DOMAIN = "pluggably.dev"
 
+# A status travels in the response trailers, which gRPC clients accept up to 8 KiB by default
+# (16 KiB hard): a larger one reaches the client as RESOURCE_EXHAUSTED without any details. Error
+# texts quote requests, so whatever a request holds, the status is cut to fit: at most about
+# 7 KiB on the wire even when every text is non-ASCII (the message is percent-encoded in
+# `grpc-message`, the details base64-encoded in `grpc-status-details-bin`).
+MAX_FIELD_VIOLATIONS = 10
+_MESSAGE_BYTES = 512
+_FIELD_BYTES = 128
+_TEXT_BYTES = 256
+
 # Most specific class first: the first matching row wins.
 STATUS_TABLE: tuple[tuple[type[errors.PluggablyError], int], ...] = (
     (errors.InvalidArgument, code_pb2.INVALID_ARGUMENT),
@@ -40,6 +50,28 @@ def _retry_info(seconds: float) -> error_details_pb2.RetryInfo:
     return error_details_pb2.RetryInfo(retry_delay=delay)
 
 
+def _clip(text: str, limit: int = _TEXT_BYTES) -> str:
+    """`text` cut to at most `limit` bytes of UTF-8, marked when cut."""
+    encoded = text.encode()
+    if len(encoded) <= limit:
+        return text
+    return encoded[: limit - 3].decode(errors="ignore") + "..."
+
+
+def _shown_violations(exc: errors.InvalidArgument) -> list[errors.FieldViolation]:
+    violations = exc.violations
+    if len(violations) <= MAX_FIELD_VIOLATIONS:
+        return violations
+    shown = violations[: MAX_FIELD_VIOLATIONS - 1]
+    hidden = len(violations) - len(shown)
+    return [
+        *shown,
+        errors.FieldViolation(
+            violations[len(shown)].field, f"and {hidden} more problems in this request"
+        ),
+    ]
+
+
 def to_status(exc: BaseException, request_id: str) -> status_pb2.Status:
     if not isinstance(exc, errors.PluggablyError):
         return internal_status(request_id)
@@ -47,7 +79,9 @@ def to_status(exc: BaseException, request_id: str) -> status_pb2.Status:
     if code is None:
         return internal_status(request_id)
 
-    metadata = {**exc.metadata, "request_id": request_id}
+    metadata = {key: _clip(value) for key, value in exc.metadata.items()}
+    metadata["request_id"] = request_id
+    message = _clip(exc.message, _MESSAGE_BYTES)
     details = [
         _pack(
             error_details_pb2.ErrorInfo(reason=exc.reason, domain=ERROR_DOMAIN, metadata=metadata)
@@ -59,9 +93,9 @@ def to_status(exc: BaseException, request_id: str) -> status_pb2.Status:
                 error_details_pb2.BadRequest(
                     field_violations=[
                         error_details_pb2.BadRequest.FieldViolation(
-                            field=v.field, description=v.description
+                            field=_clip(v.field, _FIELD_BYTES), description=_clip(v.description)
                         )
-                        for v in exc.violations
+                        for v in _shown_violations(exc)
                     ]
                 )
             )
@@ -71,8 +105,8 @@ def to_status(exc: BaseException, request_id: str) -> status_pb2.Status:
             _pack(
                 error_details_pb2.ResourceInfo(
                     resource_type=exc.resource_type,
-                    resource_name=exc.resource_name,
-                    description=exc.message,
+                    resource_name=_clip(exc.resource_name),
+                    description=message,
                 )
             )
         )
@@ -82,7 +116,7 @@ def to_status(exc: BaseException, request_id: str) -> status_pb2.Status:
                 error_details_pb2.QuotaFailure(
                     violations=[
                         error_details_pb2.QuotaFailure.Violation(
-                            subject=exc.subject, description=exc.message
+                            subject=_clip(exc.subject), description=message
                         )
                     ]
                 )
@@ -92,7 +126,7 @@ def to_status(exc: BaseException, request_id: str) -> status_pb2.Status:
             details.append(_pack(_retry_info(exc.retry_after_s)))
     elif isinstance(exc, errors.Unavailable) and exc.retry_after_s is not None:
         details.append(_pack(_retry_info(exc.retry_after_s)))
-    return status_pb2.Status(code=code, message=exc.message, details=details)
+    return status_pb2.Status(code=code, message=message, details=details)
 
 
 def internal_status(request_id: str) -> status_pb2.Status:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 from google.protobuf import json_format, struct_pb2
 
+from pluggably.core.errors import FieldViolation
 from pluggably.core.params import ParameterSpec, ParamType
 from pluggably.core.types import CircuitState, Modality, ModelInfo, ModelState
 from pluggably.v1 import model_pb2
@@ -14,6 +18,11 @@ _MODALITY_TO_PB = {
     Modality.MESH: model_pb2.MODALITY_MESH,
 }
 MODALITY_FROM_PB = {v: k for k, v in _MODALITY_TO_PB.items()}
+# Longer than any real `provider/model` id (Hugging Face caps repo ids at 96 characters); the
+# bound keeps ids that end up quoted in errors, logs and metric labels small.
+MAX_MODEL_ID_CHARS = 256
+_INT32_MAX = 2**31 - 1
+_INT64_MAX = 2**63 - 1
 _STATE_TO_PB = {
     ModelState.AVAILABLE: model_pb2.MODEL_STATE_AVAILABLE,
     ModelState.DOWNLOADING: model_pb2.MODEL_STATE_DOWNLOADING,
@@ -36,6 +45,32 @@ _PARAM_TYPE_TO_PB = {
 }
 
 
+def check_model_id(value: str, field: str, violations: list[FieldViolation]) -> None:
+    """Records why `value` cannot name a model, without quoting it: it may be anything."""
+    if not value.strip():
+        violations.append(
+            FieldViolation(field, "required: a model id such as 'local/tiny-random-llama'")
+        )
+    elif len(value) > MAX_MODEL_ID_CHARS:
+        violations.append(
+            FieldViolation(field, f"at most {MAX_MODEL_ID_CHARS} characters, got {len(value)}")
+        )
+    elif not value.isprintable():
+        violations.append(
+            FieldViolation(
+                field,
+                "must be printable: no control, format, unassigned or separator characters "
+                "other than space",
+            )
+        )
+
+
+def _count(value: int, limit: int = _INT32_MAX) -> int:
+    """A non-negative count clamped into its wire field: model listings come from providers'
+    APIs, and one odd number there must not fail every ListModels call."""
+    return min(max(int(value or 0), 0), limit)
+
+
 def model_to_pb(info: ModelInfo) -> model_pb2.Model:
     caps = info.capabilities
     return model_pb2.Model(
@@ -46,8 +81,8 @@ def model_to_pb(info: ModelInfo) -> model_pb2.Model:
         modality=_MODALITY_TO_PB[info.modality],
         state=_STATE_TO_PB[info.state],
         aliases=list(info.aliases),
-        context_length=info.context_length,
-        size_bytes=info.size_bytes,
+        context_length=_count(info.context_length),
+        size_bytes=_count(info.size_bytes, _INT64_MAX),
         loaded=info.loaded,
         capabilities=model_pb2.ModelCapabilities(
             streaming=caps.streaming,
@@ -55,7 +90,7 @@ def model_to_pb(info: ModelInfo) -> model_pb2.Model:
             image_input=caps.vision,
             json_object=caps.json_object,
             json_schema=caps.json_schema,
-            max_output_tokens=caps.max_output_tokens,
+            max_output_tokens=_count(caps.max_output_tokens),
         ),
         state_reason=info.state_reason,
         circuit_state=_CIRCUIT_TO_PB[info.circuit],
@@ -70,12 +105,25 @@ def parameter_to_pb(spec: ParameterSpec) -> model_pb2.ParameterSpec:
         supported=spec.supported,
         exclusive_minimum=spec.exclusive_minimum,
     )
-    if spec.default is None:
+    default = _finite_json(spec.default)
+    if default is None:
         out.default_value.null_value = struct_pb2.NULL_VALUE
     else:
-        json_format.ParseDict(spec.default, out.default_value)
+        json_format.ParseDict(default, out.default_value)
     if spec.minimum is not None:
         out.minimum = spec.minimum
     if spec.maximum is not None:
         out.maximum = spec.maximum
     return out
+
+
+def _finite_json(value: Any) -> Any:
+    """`value` with non-finite numbers as null: a default from a model's config may be NaN or
+    infinite, which `google.protobuf.Value` cannot carry to JSON clients."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list | tuple):
+        return [_finite_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    return value

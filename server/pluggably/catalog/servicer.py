@@ -6,7 +6,12 @@ from typing import Any
 
 from pluggably.api.pagination import check_page_size, decode_page_token, encode_page_token
 from pluggably.api.unimplemented import not_yet
-from pluggably.catalog.convert import MODALITY_FROM_PB, model_to_pb, parameter_to_pb
+from pluggably.catalog.convert import (
+    MODALITY_FROM_PB,
+    check_model_id,
+    model_to_pb,
+    parameter_to_pb,
+)
 from pluggably.core.context import current_principal
 from pluggably.core.errors import FieldViolation, InvalidArgument, PermissionDenied
 from pluggably.generation.router import Router
@@ -74,8 +79,11 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
 
 
 def _require(value: str, field: str) -> None:
-    if not value.strip():
-        raise InvalidArgument([FieldViolation(field, "required")])
+    """A model id or alias: bounded and printable before anything quotes it in an error."""
+    violations: list[FieldViolation] = []
+    check_model_id(value, field, violations)
+    if violations:
+        raise InvalidArgument(violations)
 
 
 def _check_allowed(model_id: str) -> None:

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import re
+import struct
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
-from google.protobuf import json_format
+from google.protobuf import struct_pb2
 
+from pluggably.catalog.convert import check_model_id
 from pluggably.core.errors import FieldViolation, InvalidArgument
 from pluggably.core.params import validate_text_params
 from pluggably.core.types import (
@@ -48,10 +52,23 @@ from pluggably.v1 import (
 MAX_FALLBACKS = 8
 MAX_TOOLS = 128
 MAX_PARTS = 64
+MAX_PROVIDER_OPTIONS = 64
+# Provider parameter names are short identifiers; a longer key is a mistake, and every key may
+# be quoted back in an error.
+MAX_OPTION_KEY_CHARS = 128
+# A client fixes the first problems and retries; listing thousands (one per message of a long
+# conversation) would make a status larger than the 8 KiB of trailers a gRPC client accepts by
+# default, and the client would get RESOURCE_EXHAUSTED without any details instead.
+MAX_REPORTED_VIOLATIONS = 10
+# Client-supplied text quoted in an error message is clipped to this many characters.
+_ECHO_CHARS = 48
 IMAGE_MIME_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
 _TOOL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
 _SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _DATA_URL = re.compile(r"^data:(?P<mime>image/[a-z0-9.+-]+);base64,(?P<data>.*)$", re.S)
+# Struct keys that read unambiguously after a dot in a field path; others are quoted in brackets.
+_PLAIN_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
+_FLOAT32 = struct.Struct("<f")
 
 _FINISH_TO_PB = {
     FinishReason.STOP: generation_pb2.FINISH_REASON_STOP,
@@ -91,19 +108,15 @@ def generation_request_from_pb(
 ) -> tuple[GenerationRequest, Modality | None]:
     """Validates and converts; returns the request and the modality its options ask for."""
     violations: list[FieldViolation] = []
-    if not pb.model.strip():
-        violations.append(
-            FieldViolation("model", "required: a model id such as 'local/tiny-random-llama'")
-        )
+    check_model_id(pb.model, "model", violations)
     if len(pb.fallback_models) > MAX_FALLBACKS:
         violations.append(
             FieldViolation(
                 "fallback_models", f"at most {MAX_FALLBACKS} models, got {len(pb.fallback_models)}"
             )
         )
-    for i, fallback in enumerate(pb.fallback_models):
-        if not fallback.strip():
-            violations.append(FieldViolation(f"fallback_models[{i}]", "must not be empty"))
+    for i, fallback in enumerate(pb.fallback_models[:MAX_FALLBACKS]):
+        check_model_id(fallback, f"fallback_models[{i}]", violations)
 
     has_prompt = bool(pb.prompt)
     if pb.messages and has_prompt:
@@ -121,19 +134,26 @@ def generation_request_from_pb(
         t = pb.text
         text = TextParams(
             max_tokens=t.max_tokens if t.HasField("max_tokens") else None,
-            temperature=t.temperature if t.HasField("temperature") else None,
-            top_p=t.top_p if t.HasField("top_p") else None,
+            temperature=_float32(t.temperature) if t.HasField("temperature") else None,
+            top_p=_float32(t.top_p) if t.HasField("top_p") else None,
             top_k=t.top_k if t.HasField("top_k") else None,
             seed=t.seed if t.HasField("seed") else None,
             stop=tuple(t.stop),
-            repetition_penalty=t.repetition_penalty if t.HasField("repetition_penalty") else None,
-            presence_penalty=t.presence_penalty if t.HasField("presence_penalty") else None,
-            frequency_penalty=t.frequency_penalty if t.HasField("frequency_penalty") else None,
+            repetition_penalty=(
+                _float32(t.repetition_penalty) if t.HasField("repetition_penalty") else None
+            ),
+            presence_penalty=(
+                _float32(t.presence_penalty) if t.HasField("presence_penalty") else None
+            ),
+            frequency_penalty=(
+                _float32(t.frequency_penalty) if t.HasField("frequency_penalty") else None
+            ),
             response_format=_response_format_from_pb(t, violations),
         )
         violations.extend(validate_text_params(text))
+    provider_options = _provider_options_from_pb(pb.provider_options, violations)
     if violations:
-        raise InvalidArgument(violations)
+        raise invalid_argument(violations)
 
     return (
         GenerationRequest(
@@ -144,16 +164,115 @@ def generation_request_from_pb(
             text=text,
             tools=tuple(tools),
             tool_choice=tool_choice,
-            provider_options={
-                k: json_format.MessageToDict(v) for k, v in pb.provider_options.items()
-            }
-            if pb.provider_options
-            else {},
+            provider_options=provider_options,
             stream=stream,
             deadline=deadline,
         ),
         modality,
     )
+
+
+def invalid_argument(violations: Iterable[FieldViolation]) -> InvalidArgument:
+    """The error for `violations`, each listed once and at most `MAX_REPORTED_VIOLATIONS` of
+    them: the status must stay small whatever the request holds."""
+    unique = list(dict.fromkeys(violations))
+    if len(unique) > MAX_REPORTED_VIOLATIONS:
+        shown = unique[: MAX_REPORTED_VIOLATIONS - 1]
+        hidden = len(unique) - len(shown)
+        unique = [
+            *shown,
+            FieldViolation(unique[len(shown)].field, f"and {hidden} more problems in this request"),
+        ]
+    return InvalidArgument(unique)
+
+
+def echo(value: str) -> str:
+    """Client-supplied text quoted for an error message: escaped to ASCII (so control characters
+    and odd code points stay visible and cost one byte each in the `grpc-message` header) and
+    clipped, so that no input can inflate the status beyond what a client accepts."""
+    quoted = ascii(value)
+    return quoted if len(quoted) <= _ECHO_CHARS else quoted[: _ECHO_CHARS - 3] + "..."
+
+
+def _float32(value: float) -> float:
+    """The shortest decimal that reads back as the same float32 as `value`.
+
+    Float fields arrive as float32 widened to double: a client's 0.01 becomes
+    0.009999999776482582, which falls below an inclusive bound of 0.01 and would be passed on to
+    providers as such. Checks and backends see what the client wrote instead.
+    """
+    if not math.isfinite(value):
+        return value
+    for digits in range(1, 10):
+        candidate = float(f"{value:.{digits}g}")
+        try:
+            if _FLOAT32.unpack(_FLOAT32.pack(candidate))[0] == value:
+                return candidate
+        except OverflowError:  # rounding up past the largest float32
+            continue
+    return value
+
+
+def _provider_options_from_pb(pbs: Any, violations: list[FieldViolation]) -> dict[str, Any]:
+    if not pbs:
+        return {}
+    if len(pbs) > MAX_PROVIDER_OPTIONS:
+        violations.append(
+            FieldViolation(
+                "provider_options", f"at most {MAX_PROVIDER_OPTIONS} keys, got {len(pbs)}"
+            )
+        )
+        return {}
+    options = {}
+    for key, value in pbs.items():
+        field = _key_path("provider_options", key)
+        if not key or len(key) > MAX_OPTION_KEY_CHARS or not key.isprintable():
+            violations.append(
+                FieldViolation(field, f"keys are 1 to {MAX_OPTION_KEY_CHARS} printable characters")
+            )
+            continue
+        options[key] = _json_from_value(value, field, violations)
+    return options
+
+
+def _key_path(path: str, key: str) -> str:
+    return f"{path}.{key}" if _PLAIN_KEY.match(key) else f"{path}[{echo(key)}]"
+
+
+def _json_from_struct(
+    message: struct_pb2.Struct, path: str, violations: list[FieldViolation]
+) -> dict[str, Any]:
+    """A Struct as JSON data, like `json_format.MessageToDict`, except that a non-finite number
+    is reported as a violation at its path instead of raising: JSON has no NaN or Infinity, and
+    whatever serialised the value later would fail (or, like orjson, silently send null)."""
+    return {
+        key: _json_from_value(value, _key_path(path, key), violations)
+        for key, value in message.fields.items()
+    }
+
+
+def _json_from_value(message: struct_pb2.Value, path: str, violations: list[FieldViolation]) -> Any:
+    # Recursion is bounded: protobuf refuses to decode messages nested over 100 levels deep.
+    kind = message.WhichOneof("kind")
+    if kind == "number_value":
+        number = message.number_value
+        if not math.isfinite(number):
+            violations.append(
+                FieldViolation(path, "must be a finite number: JSON has no NaN or Infinity")
+            )
+        return number
+    if kind == "string_value":
+        return message.string_value
+    if kind == "bool_value":
+        return message.bool_value
+    if kind == "struct_value":
+        return _json_from_struct(message.struct_value, path, violations)
+    if kind == "list_value":
+        return [
+            _json_from_value(item, f"{path}[{i}]", violations)
+            for i, item in enumerate(message.list_value.values)
+        ]
+    return None
 
 
 def _messages_from_pb(pbs: Any, violations: list[FieldViolation]) -> list[ChatMessage]:
@@ -165,7 +284,7 @@ def _messages_from_pb(pbs: Any, violations: list[FieldViolation]) -> list[ChatMe
             violations.append(
                 FieldViolation(
                     f"{field}.role",
-                    f"unknown role {m.role!r}; use one of {', '.join(sorted(CHAT_ROLES))}",
+                    f"unknown role {echo(m.role)}; use one of {', '.join(sorted(CHAT_ROLES))}",
                 )
             )
         if len(m.parts) > MAX_PARTS:
@@ -192,7 +311,8 @@ def _messages_from_pb(pbs: Any, violations: list[FieldViolation]) -> list[ChatMe
                 violations.append(
                     FieldViolation(
                         f"{field}.tool_call_id",
-                        f"{m.tool_call_id!r} is not the id of a tool call of an earlier assistant message",
+                        f"{echo(m.tool_call_id)} is not the id of a tool call of an earlier "
+                        "assistant message",
                     )
                 )
         elif m.tool_call_id:
@@ -236,7 +356,7 @@ def _part_from_pb(
         violations.append(
             FieldViolation(
                 f"{field}.image.mime_type",
-                f"unsupported image type {image.mime_type!r}; use one of "
+                f"unsupported image type {echo(image.mime_type)}; use one of "
                 f"{', '.join(sorted(IMAGE_MIME_TYPES))}",
             )
         )
@@ -259,7 +379,9 @@ def _part_from_pb(
     if match:
         if match["mime"] not in IMAGE_MIME_TYPES:
             violations.append(
-                FieldViolation(f"{field}.image.url", f"unsupported image type {match['mime']!r}")
+                FieldViolation(
+                    f"{field}.image.url", f"unsupported image type {echo(match['mime'])}"
+                )
             )
         try:
             data = base64.b64decode(match["data"], validate=True)
@@ -317,10 +439,14 @@ def _tools_from_pb(pbs: Any, violations: list[FieldViolation]) -> list[FunctionT
             )
         elif fn.name in seen:
             violations.append(
-                FieldViolation(f"{field}.function.name", f"{fn.name!r} is declared twice")
+                FieldViolation(f"{field}.function.name", f"{echo(fn.name)} is declared twice")
             )
         seen.add(fn.name)
-        parameters = json_format.MessageToDict(fn.parameters) if fn.HasField("parameters") else None
+        parameters = (
+            _json_from_struct(fn.parameters, f"{field}.function.parameters", violations)
+            if fn.HasField("parameters")
+            else None
+        )
         if parameters is not None and parameters.get("type", "object") != "object":
             violations.append(
                 FieldViolation(
@@ -358,7 +484,7 @@ def _tool_choice_from_pb(
             violations.append(
                 FieldViolation(
                     "tool_choice.function_name",
-                    f"{choice.function_name!r} is not one of the request's tools",
+                    f"{echo(choice.function_name)} is not one of the request's tools",
                 )
             )
     elif choice.function_name:
@@ -398,7 +524,11 @@ def _response_format_from_pb(
         )
     return ResponseFormat(
         kind,
-        schema=json_format.MessageToDict(schema.schema) if schema.HasField("schema") else None,
+        schema=(
+            _json_from_struct(schema.schema, "text.response_format.json_schema.schema", violations)
+            if schema.HasField("schema")
+            else None
+        ),
         name=schema.name or "response",
         description=schema.description,
         strict=schema.strict,
