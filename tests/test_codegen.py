@@ -186,9 +186,7 @@ def test_every_rpc_documents_the_scope_it_needs() -> None:
         if not file.package.startswith("pluggably."):
             continue
         # path [6, service, 2, method]: FileDescriptorProto.service / ServiceDescriptorProto.method
-        comments = {
-            tuple(loc.path): loc.leading_comments for loc in file.source_code_info.location
-        }
+        comments = {tuple(loc.path): loc.leading_comments for loc in file.source_code_info.location}
         for s, service in enumerate(file.service):
             for m, method in enumerate(service.method):
                 comment = comments.get((6, s, 2, m), "")
