@@ -19,6 +19,14 @@ mkdir -p var
 envoy_flags=()
 if [ -n "${ENVOY_TLS_CERT:-}" ]; then envoy_flags+=(--tls-cert "$ENVOY_TLS_CERT" --tls-key "${ENVOY_TLS_KEY:?ENVOY_TLS_KEY goes with ENVOY_TLS_CERT}"); fi
 if [ "${ALLOW_PLAINTEXT_REMOTE:-0}" = 1 ]; then envoy_flags+=(--allow-plaintext-remote); fi
+# A gRPC server with TLS (server.tls in the config): Envoy verifies it against UPSTREAM_CA.
+server_tls=$(.venv/bin/python -c 'from pluggably.config import load_config; print(int(load_config().server.tls.enabled))')
+probe_tls=(-plaintext)
+if [ "$server_tls" = 1 ]; then
+    envoy_flags+=(--upstream-ca "${UPSTREAM_CA:?server.tls is on: set UPSTREAM_CA to the CA that signed the server certificate}")
+    probe_tls=(-insecure)  # the readiness probe only asks whether it answers
+fi
+scheme=http; [ -n "${ENVOY_TLS_CERT:-}" ] && scheme=https
 .venv/bin/python -m pluggably.devtools.envoy render --from-config --grpc-port "$GRPC_PORT" --http-port "$HTTP_PORT" \
     --http-host "$HTTP_HOST" --admin-port "$ADMIN_PORT" "${envoy_flags[@]}" -o "var/envoy-${HTTP_PORT}.yaml"
 
@@ -36,7 +44,7 @@ trap stop EXIT INT TERM
 PLUGGABLY_SERVER__PORT=$GRPC_PORT PLUGGABLY_METRICS__PORT=$METRICS_PORT .venv/bin/pluggably-server &
 server_pid=$!
 for _ in $(seq 100); do
-    if .venv/bin/grpcurl -plaintext "localhost:${GRPC_PORT}" grpc.health.v1.Health/Check >/dev/null 2>&1; then break; fi
+    if .venv/bin/grpcurl "${probe_tls[@]}" "localhost:${GRPC_PORT}" grpc.health.v1.Health/Check >/dev/null 2>&1; then break; fi
     kill -0 "$server_pid" 2>/dev/null || { echo "the gRPC server exited; see the log above" >&2; exit 1; }
     sleep 0.1
 done
@@ -44,7 +52,7 @@ done
 setsid .venv/bin/envoy -c "var/envoy-${HTTP_PORT}.yaml" --log-level warn --disable-hot-restart &
 envoy_pid=$!
 for _ in $(seq 100); do
-    if curl -fsS "http://localhost:${HTTP_PORT}/openapi.json" >/dev/null 2>&1; then break; fi
+    if curl -fsSk "${scheme}://localhost:${HTTP_PORT}/openapi.json" >/dev/null 2>&1; then break; fi
     kill -0 "$envoy_pid" 2>/dev/null || { echo "Envoy exited; see the log above" >&2; exit 1; }
     sleep 0.1
 done
@@ -53,7 +61,7 @@ cat <<MSG
 
 Pluggably is up.
   gRPC (native, reflection):   localhost:${GRPC_PORT}
-  REST + SSE + gRPC via Envoy: http://localhost:${HTTP_PORT}   (OpenAPI: http://localhost:${HTTP_PORT}/openapi.json)
+  REST + SSE + gRPC via Envoy: ${scheme}://localhost:${HTTP_PORT}   (OpenAPI: ${scheme}://localhost:${HTTP_PORT}/openapi.json)
 
   Metrics (Prometheus):         http://localhost:${METRICS_PORT}/metrics   (Envoy's: http://localhost:${ADMIN_PORT}/stats/prometheus)
   API key (admin, development): var/dev-key

@@ -87,7 +87,11 @@ class AnonymousHook(CallHook):
 
 
 class StreamCapHook(CallHook):
-    """At most `limit` server-streaming calls at once in this process."""
+    """At most `limit` server-streaming calls at once in this process. Health watches and
+    reflection (public) are not counted: probes must not be refused because generation is busy.
+    """
+
+    public_exempt = True
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
