@@ -15,7 +15,7 @@ PLUGGABLY_CONFIG ?= examples/demo.yaml
 PROTOS      := $(wildcard proto/pluggably/v1/*.proto)
 PYTEST_ARGS ?=
 
-.PHONY: help install run test hosted-smoke generate check-generated lint breaking bench bench-gateway bench-overhead \
+.PHONY: help install run test hosted-smoke generate check-generated lint breaking bench bench-gateway bench-overhead bench-admission \
 	model clean
 
 help:
@@ -27,6 +27,7 @@ help:
 	@echo "make hosted-smoke     serve a hosted-provider request from a venv without [local]"
 	@echo "make breaking         buf breaking against the released contract (proto/baseline/)"
 	@echo "make bench            run the local text benchmarks in bench/"
+	@echo "make bench-admission  admission under overload and fairness across keys"
 	@echo "make bench-overhead   what auth, limits, metrics and the access log add per call"
 	@echo "make bench-gateway    hosted-provider overhead: direct vs gRPC vs Envoy REST"
 	@echo "make model            build the tiny offline demo model into $(MODEL_DIR)"
@@ -102,6 +103,9 @@ bench-gateway: install
 
 bench-overhead: install
 	$(PY) bench/bench_overhead.py
+
+bench-admission: install model
+	$(PY) bench/bench_admission.py --model-dir $(MODEL_DIR)
 
 clean:
 	rm -rf $(VENV) .venv-hosted node_modules var build .pytest_cache

@@ -197,6 +197,7 @@ class _Slot:
         self.load_failed_at = 0.0  # time.monotonic() of the last failed load
         self.files: tuple[bool, int, int] | None = None  # (usable, context length, bytes on disk)
         self.sampling_defaults: dict[str, Any] | None = None  # from generation_config.json
+        self.parameter_specs: list[ParameterSpec] | None = None
 
     @property
     def model_id(self) -> str:
@@ -321,15 +322,19 @@ class TransformersTextBackend(Backend):
         from pluggably.core.params import parameters_for
 
         slot = self._slots.get(model.name)
-        defaults: dict[str, Any] = {}
-        if slot is not None:
-            if slot.sampling_defaults is None:  # read once: the dataplane asks on every request
+        if slot is None:
+            return parameters_for(Modality.TEXT, supported=SUPPORTED_TEXT_PARAMS)
+        if slot.parameter_specs is None:  # built once: the dataplane asks on every request
+            if slot.sampling_defaults is None:
                 slot.sampling_defaults = _sampling_defaults(
                     _read_json(slot.cfg.path / "generation_config.json")
                 )
-            defaults["max_tokens"] = slot.cfg.default_max_tokens
+            defaults: dict[str, Any] = {"max_tokens": slot.cfg.default_max_tokens}
             defaults.update(slot.sampling_defaults)
-        return parameters_for(Modality.TEXT, supported=SUPPORTED_TEXT_PARAMS, **defaults)
+            slot.parameter_specs = parameters_for(
+                Modality.TEXT, supported=SUPPORTED_TEXT_PARAMS, **defaults
+            )
+        return list(slot.parameter_specs)
 
     def provider_options(self, model: ModelInfo) -> ProviderOptionsPolicy:
         return PROVIDER_OPTIONS
