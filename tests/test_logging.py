@@ -364,3 +364,48 @@ async def test_planted_secrets_reach_no_log_line(gateway, lines: Lines) -> None:
     # (masked by its shape, or whole when the gateway knows it as a configured provider key)
     assert re.search(r"openai/(sk-)?\[REDACTED\]", text) and "pk_0123456789ab_[REDACTED]" in text
     assert "my keys" not in text  # no prompt text either
+
+
+def test_access_events_take_the_direct_path_with_the_shipped_handler() -> None:
+    """With the shipped set-up (one JSON handler), access events skip the LogRecord and write
+    the same line, redacted; with another handler listening they go through logging again.
+    In a fresh process: configure_logging owns the root logger there."""
+    code = textwrap.dedent(
+        f"""
+        import asyncio, io, json, logging, sys
+        from pluggably.config import LoggingConfig
+        from pluggably.core.context import RequestContext
+        from pluggably.observability import logging as plog
+        plog.configure_logging(LoggingConfig(format="json"))
+        hook = plog.AccessLogHook(LoggingConfig())
+        taken = []
+        original = plog.BufferedStreamHandler.write_line
+        def spy(self, line, level):
+            taken.append(line)
+            original(self, line, level)
+        plog.BufferedStreamHandler.write_line = spy
+        def ctx(code):
+            c = RequestContext(request_id="r1", method="/pluggably.v1.GenerateService/Generate")
+            c.requested_model = "openai/{GATEWAY_KEY}"
+            c.code = code
+            return c
+        asyncio.run(hook.finish(ctx("NOT_FOUND")))
+        assert len(taken) == 1, taken
+        extra = logging.StreamHandler(io.StringIO())
+        logging.getLogger().addHandler(extra)
+        asyncio.run(hook.finish(ctx("NOT_FOUND")))
+        assert len(taken) == 1, "another handler listens: the record path"
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    fast, slow = (json.loads(line) for line in done.stderr.splitlines())
+    assert GATEWAY_KEY not in done.stderr
+    for entry in (fast, slow):
+        assert entry["logger"] == "pluggably.access" and entry["level"] == "WARNING"
+        assert entry["requested_model"] == "openai/pk_0123456789ab_[REDACTED]"
+    assert {k: v for k, v in fast.items() if k not in ("time", "latency_ms", "message")} == {
+        k: v for k, v in slow.items() if k not in ("time", "latency_ms", "message")
+    }
+    assert fast["message"].split()[:2] == slow["message"].split()[:2]

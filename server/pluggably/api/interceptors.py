@@ -90,8 +90,10 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
         public_methods: Callable[[str], bool] = lambda _method: False,
         max_stream_duration_s: float | None = None,
     ) -> None:
-        self._hooks = tuple(hooks)
-        self._public_hooks = tuple(h for h in hooks if not getattr(h, "public_exempt", False))
+        self._hooks = tuple(_HookPhases(h) for h in hooks)
+        self._public_hooks = tuple(
+            p for p in self._hooks if not getattr(p.hook, "public_exempt", False)
+        )
         self._is_public = public_methods
         self._max_stream_s = max_stream_duration_s
         # Wrapped handlers by method: the registered handler of a method never changes, so it is
@@ -116,7 +118,7 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _rewrap(
-        self, method: str, handler: grpc.RpcMethodHandler, hooks: tuple[CallHook, ...]
+        self, method: str, handler: grpc.RpcMethodHandler, hooks: tuple[_HookPhases, ...]
     ) -> grpc.RpcMethodHandler:
         deserializer = _tolerant(handler.request_deserializer)
         serializer = handler.response_serializer
@@ -142,7 +144,7 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
     def _unary(
         self,
         method: str,
-        hooks: tuple[CallHook, ...],
+        hooks: tuple[_HookPhases, ...],
         behavior: UnaryBehavior,
         *,
         streaming: bool = False,
@@ -169,7 +171,7 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _stream(
-        self, method: str, hooks: tuple[CallHook, ...], behavior: StreamBehavior
+        self, method: str, hooks: tuple[_HookPhases, ...], behavior: StreamBehavior
     ) -> StreamBehavior:
         max_s = self._max_stream_s
 
@@ -231,7 +233,7 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _bidi(
-        self, method: str, hooks: tuple[CallHook, ...], behavior: BidiBehavior
+        self, method: str, hooks: tuple[_HookPhases, ...], behavior: BidiBehavior
     ) -> BidiBehavior:
         async def wrapped(
             requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
@@ -283,6 +285,18 @@ def _has_error_event(message: Message) -> bool:
     )
 
 
+class _HookPhases:
+    """A hook and the phases it implements: awaiting an inherited no-op still costs a
+    coroutine per call, so phases a hook leaves to `CallHook` are skipped."""
+
+    __slots__ = ("finish", "hook", "start")
+
+    def __init__(self, hook: CallHook) -> None:
+        self.hook = hook
+        self.start = hook.start if type(hook).start is not CallHook.start else None
+        self.finish = hook.finish if type(hook).finish is not CallHook.finish else None
+
+
 class _Call:
     """One RPC: its context, its hooks, and the mapping of its outcome to a status."""
 
@@ -300,7 +314,7 @@ class _Call:
         self,
         method: str,
         context: grpc.aio.ServicerContext,
-        hooks: tuple[CallHook, ...],
+        hooks: tuple[_HookPhases, ...],
         *,
         streaming: bool,
     ) -> None:
@@ -321,8 +335,9 @@ class _Call:
 
     async def begin(self) -> None:
         self._token = request_context.activate(self.ctx)
-        for hook in self.hooks:
-            await hook.start(self.ctx, self.metadata)
+        for phases in self.hooks:
+            if phases.start is not None:
+                await phases.start(self.ctx, self.metadata)
             self._started_hooks += 1
 
     async def send_headers(self) -> None:
@@ -371,11 +386,13 @@ class _Call:
         await self.context.abort(status.code, status.details, trailers)
 
     async def end(self) -> None:
-        for hook in reversed(self.hooks[: self._started_hooks]):
+        for phases in reversed(self.hooks[: self._started_hooks]):
+            if phases.finish is None:
+                continue
             try:
-                await hook.finish(self.ctx)
+                await phases.finish(self.ctx)
             except Exception:  # a broken hook must not turn a served call into an error
-                log.exception("hook %s failed to finish", type(hook).__name__)
+                log.exception("hook %s failed to finish", type(phases.hook).__name__)
         # A refused call still reaches hooks that saw its start, so the counts they keep
         # (streams, started RPCs) balance; hooks after the refusing one never saw it.
         if self._token is not None:
