@@ -204,7 +204,11 @@ async def end_to_end(
                 [sys.executable, "-m", "pluggably", "--config", str(config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={k: v for k, v in os.environ.items() if not k.startswith("PLUGGABLY_")},
+                # One hash seed for all: dict layouts, and with them speed, differ by seed.
+                env={
+                    **{k: v for k, v in os.environ.items() if not k.startswith("PLUGGABLY_")},
+                    "PYTHONHASHSEED": "0",
+                },
             )
             log.close()
             await _serving(port, processes[name])

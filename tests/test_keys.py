@@ -356,3 +356,31 @@ def test_scope_table_reads_and_changes() -> None:
     assert scopes.expand(["admin"]) == frozenset(scopes.SCOPES)
     assert scopes.expand(["generate", "junk"]) == frozenset({"generate"})
     assert scopes.unknown_scopes(["generate", "x", "y", "x"]) == ["x", "y"]
+
+
+def test_the_hot_path_reads_the_wal_index_instead_of_querying(tmp_path: Path) -> None:
+    """Unchanged store: no statement runs on authenticate; any commit elsewhere is seen."""
+    store = KeyStore(tmp_path / "keys.db")
+    key, record = store.create("k", ["generate"])
+    try:
+        assert store._shm is not None, "the WAL index is mapped"
+        # The first call records the key's last use (a commit of this connection), which the
+        # second sees as a change.
+        assert store.authenticate(key) is not None
+        assert store.authenticate(key) is not None
+        statements: list[str] = []
+        store._conn.set_trace_callback(statements.append)
+        for _ in range(3):
+            assert store.authenticate(key) is not None
+        assert statements == [], "an unchanged store costs no statement"
+        other = KeyStore(tmp_path / "keys.db")
+        try:
+            other.create("unrelated", ["generate"])  # any commit changes the header
+            assert store.authenticate(key) is not None
+            assert statements[0] == "PRAGMA data_version", statements  # then a reload
+            other.revoke(record.key_id)
+        finally:
+            other.close()
+        assert store.authenticate(key) is None
+    finally:
+        store.close()

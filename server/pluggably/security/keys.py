@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import json
 import logging
+import mmap
 import os
 import re
 import secrets
@@ -219,6 +220,7 @@ class KeyStore:
         self._entries: dict[str, _Entry] = {}
         self._last_used: dict[str, float] = {}
         self._data_version = -1
+        self._shm, self._shm_header = self._map_wal_index()
         self._reload()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -226,7 +228,42 @@ class KeyStore:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._shm is not None:
+                self._shm.close()
             self._conn.close()
+
+    # WAL-index header: the first of its two 48-byte copies at the start of the `-shm` file
+    # (https://www.sqlite.org/walformat.html). Every commit by any connection rewrites it
+    # (change counter, last frame, checksums; a WAL reset changes the salts), because that is
+    # how SQLite's own readers learn that the database changed. Comparing it is a memory read;
+    # `PRAGMA data_version` is a statement whose execution releases the GIL, which in a busy
+    # server costs far more than the statement itself. The file stays while this connection is
+    # open (SQLite removes it with the last connection, and leaving WAL mode needs every other
+    # connection closed), so an unchanged header proves nothing was committed since.
+    _WAL_INDEX_HEADER = 48
+
+    def _map_wal_index(self) -> tuple[mmap.mmap | None, bytes]:
+        try:
+            with open(f"{self.path}-shm", "rb") as shm:
+                mapped = mmap.mmap(shm.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):  # no WAL index (not WAL mode, another platform)
+            return None, b""
+        if len(mapped) < self._WAL_INDEX_HEADER:
+            mapped.close()
+            return None, b""
+        return mapped, b""
+
+    def _maybe_changed(self) -> bool:
+        """Whether another connection may have committed since the last check (never a false
+        "no")."""
+        shm = self._shm
+        if shm is None:
+            return True
+        header = shm[: self._WAL_INDEX_HEADER]
+        if header == self._shm_header:
+            return False
+        self._shm_header = header
+        return True
 
     def __enter__(self) -> KeyStore:
         return self
@@ -394,9 +431,10 @@ class KeyStore:
         key_id = key_id_of(presented)
         if key_id is None or len(presented) <= len(KEY_PREFIX) + KEY_ID_LENGTH + 1:
             return None
-        version = self._conn.execute("PRAGMA data_version").fetchone()[0]
-        if version != self._data_version:
-            self._reload()
+        if self._maybe_changed():
+            version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+            if version != self._data_version:
+                self._reload()
         entry = self._entries.get(key_id)
         if entry is None:
             return None
