@@ -156,7 +156,7 @@ async def _serving(port: int, process: subprocess.Popen[bytes]) -> None:
 
 
 async def end_to_end(
-    rounds: int, calls: int, *, per_hook: bool
+    rounds: int, calls: int, *, per_hook: bool, replicas: int = 1
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Real gateway processes, bare and with the default hooks (and, `per_hook`, one hook at a
     time): latency and server CPU per call, µs."""
@@ -188,11 +188,15 @@ async def end_to_end(
     }
     if not per_hook:
         variants = {name: variants[name] for name in (BARE, ALL)}
-    processes: dict[str, subprocess.Popen[bytes]] = {}
+    # Each variant runs in `replicas` processes: speed differs from process to process (memory
+    # layout), by as much as the hooks cost, so one process per variant would mislead.
+    processes: dict[tuple[str, int], subprocess.Popen[bytes]] = {}
     stubs = {}
     channels = []
     try:
-        for name, sections in variants.items():
+        for name, sections, replica in (
+            (n, v, r) for r in range(replicas) for n, v in variants.items()
+        ):
             port = free_port()
             config = workdir / f"{len(processes)}.yaml"
             config.write_text(
@@ -200,7 +204,7 @@ async def end_to_end(
             )
             # The access log is written for real, to a file, as a deployment writes it.
             log = (workdir / f"{len(processes)}.log").open("wb")
-            processes[name] = subprocess.Popen(  # noqa: ASYNC220 - start-up, not measured
+            processes[name, replica] = subprocess.Popen(  # noqa: ASYNC220 - start-up, not measured
                 [sys.executable, "-m", "pluggably", "--config", str(config)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -211,10 +215,10 @@ async def end_to_end(
                 },
             )
             log.close()
-            await _serving(port, processes[name])
+            await _serving(port, processes[name, replica])
             channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
             channels.append(channel)
-            stubs[name] = model_service_pb2_grpc.ModelServiceStub(channel)
+            stubs[name, replica] = model_service_pb2_grpc.ModelServiceStub(channel)
         metadata = (("authorization", f"Bearer {key}"),)
         request = model_service_pb2.GetModelRequest(id=MODEL)
         latency: dict[str, list[float]] = {name: [] for name in variants}
@@ -223,8 +227,8 @@ async def end_to_end(
             for _ in range(100):
                 await stub.GetModel(request, metadata=metadata)
         for _ in range(rounds):
-            for name, stub in stubs.items():
-                pid = processes[name].pid
+            for (name, replica), stub in stubs.items():
+                pid = processes[name, replica].pid
                 cpu_before, start = _proc_cpu_s(pid), time.perf_counter()
                 for _ in range(calls):
                     await stub.GetModel(request, metadata=metadata)

@@ -80,6 +80,20 @@ class Lines:
         return [json.loads(line) for line in self.lines()]
 
 
+@pytest.fixture(autouse=True)
+def _no_registered_secrets() -> Iterator[None]:
+    """Gateways started by earlier tests register their provider keys for exact masking (a
+    process-wide list); these tests check the shape rules, so they start from none."""
+    from pluggably.observability import logging as plog
+
+    saved = list(plog._known_secrets)
+    plog._known_secrets.clear()
+    try:
+        yield
+    finally:
+        plog._known_secrets[:] = saved
+
+
 @pytest.fixture
 def lines() -> Iterator[Lines]:
     """Captures every record that reaches the root logger, as the shipped handler writes it."""
