@@ -79,7 +79,7 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
     """Runs every RPC of the gateway through `hooks` (see the module docstring).
 
     `public` methods (health, reflection by default) skip the hooks whose `public_exempt` is
-    true (auth, rate limits) but still get error mapping, logs and metrics.
+    true (auth, stream cap, rate limits) but still get error mapping, logs and metrics.
     `max_stream_duration_s` ends a stream that runs longer with DEADLINE_EXCEEDED.
     """
 
