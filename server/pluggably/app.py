@@ -74,6 +74,9 @@ class Operations:
     _closers: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
 
     async def aclose(self) -> None:
+        from pluggably.api.hooks import drain_observers
+
+        drain_observers()  # the last calls' access log lines and metrics, before they close
         while self._closers:
             close = self._closers.pop()
             try:
@@ -88,7 +91,7 @@ async def start_operations(config: Config) -> Operations:
     """Keys, limits, metrics and tracing from config, and the hooks in the order they run.
 
     Observability hooks come first: their `start` never refuses, so they see every call,
-    refused ones included, and their `finish` (run in reverse) sees its final status.
+    refused ones included, and what they record (`observe`, after the call) sees its final status.
     """
     ops = Operations()
     _register_secrets(config)

@@ -17,6 +17,7 @@ import inspect
 import logging
 import math
 import re
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -26,7 +27,7 @@ from google.protobuf.message import DecodeError, Message
 from google.rpc import code_pb2, status_pb2
 from grpc_status import rpc_status
 
-from pluggably.api.hooks import CallHook
+from pluggably.api.hooks import CallHook, CallObservers, overrides
 from pluggably.api.status import to_status
 from pluggably.core import context as request_context
 from pluggably.core.errors import DeadlineExceeded, FieldViolation, InvalidArgument
@@ -90,9 +91,10 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
         public_methods: Callable[[str], bool] = lambda _method: False,
         max_stream_duration_s: float | None = None,
     ) -> None:
-        self._hooks = tuple(_HookPhases(h) for h in hooks)
-        self._public_hooks = tuple(
-            p for p in self._hooks if not getattr(p.hook, "public_exempt", False)
+        self._hooks = _Chain(hooks)
+        public = [h for h in hooks if not getattr(h, "public_exempt", False)]
+        self._public_hooks = (
+            self._hooks if len(public) == len(hooks) else _Chain(public, like=self._hooks)
         )
         self._is_public = public_methods
         self._max_stream_s = max_stream_duration_s
@@ -118,7 +120,7 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _rewrap(
-        self, method: str, handler: grpc.RpcMethodHandler, hooks: tuple[_HookPhases, ...]
+        self, method: str, handler: grpc.RpcMethodHandler, hooks: _Chain
     ) -> grpc.RpcMethodHandler:
         deserializer = _tolerant(handler.request_deserializer)
         serializer = handler.response_serializer
@@ -144,7 +146,7 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
     def _unary(
         self,
         method: str,
-        hooks: tuple[_HookPhases, ...],
+        hooks: _Chain,
         behavior: UnaryBehavior,
         *,
         streaming: bool = False,
@@ -170,9 +172,7 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
 
         return wrapped
 
-    def _stream(
-        self, method: str, hooks: tuple[_HookPhases, ...], behavior: StreamBehavior
-    ) -> StreamBehavior:
+    def _stream(self, method: str, hooks: _Chain, behavior: StreamBehavior) -> StreamBehavior:
         max_s = self._max_stream_s
 
         async def wrapped(
@@ -232,9 +232,7 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):
 
         return wrapped
 
-    def _bidi(
-        self, method: str, hooks: tuple[_HookPhases, ...], behavior: BidiBehavior
-    ) -> BidiBehavior:
+    def _bidi(self, method: str, hooks: _Chain, behavior: BidiBehavior) -> BidiBehavior:
         async def wrapped(
             requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
         ) -> AsyncGenerator[Any, None]:
@@ -291,10 +289,32 @@ class _HookPhases:
 
     __slots__ = ("finish", "hook", "start")
 
-    def __init__(self, hook: CallHook) -> None:
+    def __init__(self, hook: CallHook, *, with_start: bool = True) -> None:
         self.hook = hook
-        self.start = hook.start if type(hook).start is not CallHook.start else None
-        self.finish = hook.finish if type(hook).finish is not CallHook.finish else None
+        self.start = hook.start if with_start and overrides(hook, "start") else None
+        self.finish = hook.finish if overrides(hook, "finish") else None
+
+
+class _Chain(tuple[_HookPhases, ...]):
+    """The hooks of a call, in order, and the observers among them (see `CallObservers`)."""
+
+    observers: CallObservers | None
+    # The same hooks for unary calls: without the `start` of hooks that only act on streams.
+    unary: tuple[_HookPhases, ...]
+
+    def __new__(cls, hooks: Sequence[CallHook], *, like: _Chain | None = None) -> _Chain:
+        chain = super().__new__(cls, (_HookPhases(h) for h in hooks))
+        chain.unary = tuple(_HookPhases(h, with_start=not h.starts_streams_only) for h in hooks)
+        observers = CallObservers(hooks)
+        if (
+            like is not None
+            and like.observers is not None
+            and like.observers.hooks == observers.hooks
+        ):
+            chain.observers = like.observers  # one queue (and one timer) for both chains
+        else:
+            chain.observers = observers if observers else None
+        return chain
 
 
 class _Call:
@@ -307,6 +327,7 @@ class _Call:
         "ctx",
         "hooks",
         "metadata",
+        "observers",
         "wants_inline_errors",
     )
 
@@ -314,12 +335,13 @@ class _Call:
         self,
         method: str,
         context: grpc.aio.ServicerContext,
-        hooks: tuple[_HookPhases, ...],
+        hooks: _Chain,
         *,
         streaming: bool,
     ) -> None:
         self.context = context
-        self.hooks = hooks
+        self.hooks = hooks if streaming else hooks.unary
+        self.observers = hooks.observers
         self.metadata: dict[str, str] = {}
         for key, value in context.invocation_metadata() or ():
             if isinstance(value, str):  # binary (-bin) metadata is nobody's business here
@@ -393,6 +415,9 @@ class _Call:
                 await phases.finish(self.ctx)
             except Exception:  # a broken hook must not turn a served call into an error
                 log.exception("hook %s failed to finish", type(phases.hook).__name__)
+        self.ctx.ended = time.perf_counter()
+        if self.observers is not None:
+            self.observers.submit(self.ctx)
         # A refused call still reaches hooks that saw its start, so the counts they keep
         # (streams, started RPCs) balance; hooks after the refusing one never saw it.
         if self._token is not None:

@@ -63,6 +63,7 @@ class RequestContext:
     code: str = "OK"  # google.rpc.Code name
     reason: str = ""  # ErrorInfo.reason when the call failed
     messages: int = 0
+    ended: float = 0.0  # perf_counter() when the call ended, for observers that run later
     # Hook-private state (a limiter's admission, a tracing span), keyed by hook.
     scratch: dict[str, object] = field(default_factory=dict)
 

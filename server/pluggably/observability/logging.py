@@ -389,14 +389,13 @@ class AccessLogHook(CallHook):
         self._enabled = config.access_log
         self._log = logger or access_log
 
-    async def finish(self, ctx: RequestContext) -> None:
+    def observe(self, ctx: RequestContext) -> None:
         if not self._enabled:
             return
         level = access_level(ctx.method, ctx.code)
         if not self._log.isEnabledFor(level):
             return
-        now = time.perf_counter()
-        latency_ms = round((now - ctx.started) * 1000, 3)
+        latency_ms = round((ctx.ended - ctx.started) * 1000, 3)
         first = ctx.first_output_at
         principal = ctx.principal
         fields = {
@@ -424,10 +423,11 @@ class AccessLogHook(CallHook):
             # which cost most of the event. Only the model fields hold caller text to redact.
             fields["model"] = redact(str(fields["model"]))
             fields["requested_model"] = redact(str(fields["requested_model"]))
-            now_s = time.time()
+            # When the call ended, not when its batch is written.
+            ended_s = time.time() - (time.perf_counter() - ctx.ended)
             line = orjson.dumps(
                 {
-                    "time": _utc_time_of(now_s),
+                    "time": _utc_time_of(ended_s),
                     "level": logging.getLevelName(level),
                     "logger": self._log.name,
                     "message": f"{ctx.method_name} {ctx.code} {latency_ms:.1f}ms",
@@ -448,6 +448,8 @@ class AccessLogHook(CallHook):
             (ctx.method_name, ctx.code, latency_ms),
             None,
         )
+        record.created -= time.perf_counter() - ctx.ended
+        record.msecs = (record.created - int(record.created)) * 1000
         record.fields = fields
         self._log.handle(record)
 

@@ -24,13 +24,12 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from pluggably.api.hooks import CallHook
+from pluggably.api.hooks import CallHook, drain_observers
 from pluggably.core.context import RequestContext
 
 if TYPE_CHECKING:
@@ -245,30 +244,45 @@ class MetricsHook(CallHook):
     and, for calls that a model served (`ctx.provider` set by the generation layer), the GenAI
     metrics: request duration, time to first token, time per output token, token usage."""
 
+    # A stream is counted as started (and active) when it starts, so a scrape sees the streams
+    # in flight; a unary call, which lasts no longer than a batch of observations, when it is
+    # observed, with everything else.
+    starts_streams_only = True
+
     def __init__(self) -> None:
         self._methods: dict[tuple[str, bool], _Method] = {}
         self._models: dict[tuple[str, str, str], _Model] = {}
 
-    async def start(self, ctx: RequestContext, metadata: Mapping[str, str]) -> None:
+    def _method(self, ctx: RequestContext) -> _Method:
         key = (ctx.method, ctx.streaming)
         method = self._methods.get(key)
         if method is None:
             method = self._methods[key] = _Method(ctx.method, ctx.streaming)
+        return method
+
+    async def start(self, ctx: RequestContext, metadata: Mapping[str, str]) -> None:
+        if not ctx.streaming:
+            return  # counted by observe()
+        method = self._method(ctx)
         method.started.inc()
         if method.active is not None:
             method.active.inc()
-        # finish() acts only on calls whose start it counted, so the gauges balance.
+        # observe() decrements only what start() counted, so the gauge balances.
         ctx.scratch[_SCRATCH] = method
 
-    async def finish(self, ctx: RequestContext) -> None:
-        method = ctx.scratch.get(_SCRATCH)
-        if not isinstance(method, _Method):
-            return
-        now = time.perf_counter()
+    def observe(self, ctx: RequestContext) -> None:
+        if ctx.streaming:
+            method = ctx.scratch.get(_SCRATCH)
+            if not isinstance(method, _Method):
+                return
+            if method.active is not None:
+                method.active.dec()
+        else:
+            method = self._method(ctx)
+            method.started.inc()
+        now = ctx.ended
         elapsed = now - ctx.started
         code = ctx.code
-        if method.active is not None:
-            method.active.dec()
         method.handled(code).inc()
         method.handling.observe(elapsed)
         if code != "OK" and code != "CANCELLED":  # a caller that went away is no failure
@@ -346,11 +360,15 @@ def start_metrics_server(config: MetricsConfig) -> MetricsServer:
 
     address = f"{config.host}:{config.port}"
     registry = exposition_registry()
+    exposition = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Any) -> Any:
+        drain_observers()  # every call ended so far is counted in this scrape
+        return exposition(environ, start_response)
+
     try:
         Server.address_family = socket.getaddrinfo(config.host, config.port)[0][0]
-        httpd = make_server(
-            config.host, config.port, make_wsgi_app(registry), Server, handler_class=Quiet
-        )
+        httpd = make_server(config.host, config.port, app, Server, handler_class=Quiet)
     except OSError as exc:
         raise OSError(
             exc.errno,

@@ -38,6 +38,8 @@ class AuthHook(CallHook):
 
     def __init__(self, store: KeyStore) -> None:
         self._store = store
+        # Per method: the scope it needs, and whether any valid key will do instead.
+        self._scopes: dict[str, tuple[str | None, bool]] = {}
 
     async def start(self, ctx: RequestContext, metadata: Mapping[str, str]) -> None:
         header = metadata.get("authorization")
@@ -65,8 +67,13 @@ class AuthHook(CallHook):
                 reason="API_KEY_INVALID",
             )
         ctx.principal = principal
-        scope = required_scope(ctx.method)
-        if scope is None and needs_key_only(ctx.method):
+        method = ctx.method
+        needs = self._scopes.get(method)
+        if needs is None:
+            scope = required_scope(method)
+            needs = self._scopes[method] = (scope, scope is None and needs_key_only(method))
+        scope, any_key = needs
+        if any_key:
             return  # health or reflection with a key required: any valid key will do
         if scope is None or scope not in principal.scopes:
             raise PermissionDenied(
@@ -92,6 +99,7 @@ class StreamCapHook(CallHook):
     """
 
     public_exempt = True
+    starts_streams_only = True
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -124,23 +132,37 @@ class RateLimitHook(CallHook):
     def __init__(self, limiter: RateLimiter, defaults: KeyLimitsConfig) -> None:
         self._limiter = limiter
         self._defaults = defaults
+        # A key's own limits merged with the defaults, by key limits: few distinct values, and
+        # the merged one is read on every call.
+        self._merged: dict[KeyLimits, KeyLimits | None] = {}
 
-    def _limits(self, principal: Principal) -> KeyLimits:
-        own, default = principal.limits, self._defaults
-        return KeyLimits(
+    def _limits(self, principal: Principal) -> KeyLimits | None:
+        """The limits that apply to `principal`; None when none does."""
+        own = principal.limits
+        try:
+            return self._merged[own]
+        except KeyError:
+            pass
+        default = self._defaults
+        limits = KeyLimits(
             requests_per_minute=own.requests_per_minute or default.requests_per_minute,
             tokens_per_minute=own.tokens_per_minute or default.tokens_per_minute,
             concurrent_streams=own.concurrent_streams or default.concurrent_streams,
         )
+        unlimited = (
+            limits.requests_per_minute is None
+            and limits.tokens_per_minute is None
+            and limits.concurrent_streams is None
+        )
+        if len(self._merged) >= 4096:  # keys' limits are few; never let the cache grow unbounded
+            self._merged.clear()
+        merged = self._merged[own] = None if unlimited else limits
+        return merged
 
     async def start(self, ctx: RequestContext, metadata: Mapping[str, str]) -> None:
         principal = ctx.principal or ANONYMOUS
         limits = self._limits(principal)
-        if (
-            limits.requests_per_minute is None
-            and limits.tokens_per_minute is None
-            and limits.concurrent_streams is None
-        ):
+        if limits is None:
             return
         ctx.scratch["admission"] = await self._limiter.admit(
             principal.key_id, limits, stream=ctx.streaming

@@ -49,6 +49,17 @@ _KEY_ID = re.compile(r"^[a-z2-7]{12}$")
 _MODEL_PATTERN = re.compile(r"^[^\s*/]+/(\*|[^\s*]+)$")
 _MAX_NAME = 100
 
+# SHA-256 of a key on every call: CPython's own implementation (`_sha2`, `_sha256` before 3.12)
+# runs a fraction of the code of OpenSSL's EVP path for a 60-byte input, which in a serving
+# process (cold caches) made the hash a quarter of the key check. Same digest either way.
+try:
+    from _sha2 import sha256 as _sha256  # type: ignore[import-not-found,unused-ignore]
+except ImportError:  # Python 3.11
+    try:
+        from _sha256 import sha256 as _sha256  # type: ignore[import-not-found,no-redef,unused-ignore]
+    except ImportError:  # a build without it
+        _sha256 = hashlib.sha256
+
 # Ordered schema migrations: migration i (0-based) brings the store from version i to i + 1,
 # recorded in `PRAGMA user_version`. Append; never edit a released entry. Types and statements
 # stay portable so that the same table can live in PostgreSQL later.
@@ -428,9 +439,11 @@ class KeyStore:
             or not presented.isascii()
         ):
             return None
-        key_id = key_id_of(presented)
-        if key_id is None or len(presented) <= len(KEY_PREFIX) + KEY_ID_LENGTH + 1:
+        # `pk_<id>_<secret>`; an id that is not one simply finds no entry below.
+        id_end = len(KEY_PREFIX) + KEY_ID_LENGTH
+        if len(presented) <= id_end + 1 or presented[id_end] != "_":
             return None
+        key_id = presented[len(KEY_PREFIX) : id_end]
         if self._maybe_changed():
             version = self._conn.execute("PRAGMA data_version").fetchone()[0]
             if version != self._data_version:
@@ -439,9 +452,7 @@ class KeyStore:
         if entry is None:
             return None
         # Constant time, so the response time says nothing about how much of a secret matched.
-        if not hmac.compare_digest(
-            hashlib.sha256(presented.encode("ascii")).digest(), entry.digest
-        ):
+        if not hmac.compare_digest(_sha256(presented.encode("ascii")).digest(), entry.digest):
             return None
         if entry.expires_at is not None and now >= entry.expires_at:
             return None

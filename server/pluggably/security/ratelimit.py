@@ -238,7 +238,9 @@ class MemoryRateLimiter(RateLimiter):
         for _ in range(min(self._SWEEP_PER_CALL, len(self._keys))):
             key_id = next(iter(self._keys))
             state = self._keys.pop(key_id)
-            if now < state.idle_at or any(exp > now for exp in state.leases.values()):
+            if now < state.idle_at or (
+                state.leases and any(exp > now for exp in state.leases.values())
+            ):
                 self._keys[key_id] = state
 
 
