@@ -264,7 +264,7 @@ async def test_access_hook_logs_one_event_with_every_field(lines: Lines) -> None
         streaming=True,
         principal=Principal("0123456789ab", name="ci"),
     )
-    await hook.start(ctx, {"authorization": f"Bearer {GATEWAY_KEY}"})
+    assert hook.start(ctx, {"authorization": f"Bearer {GATEWAY_KEY}"}) is None  # sees no metadata
     ctx.served_by("local/tiny")
     ctx.output_started()
     ctx.input_tokens, ctx.output_tokens, ctx.messages, ctx.queue_wait_s = 7, 16, 17, 0.0125

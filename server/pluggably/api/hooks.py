@@ -15,7 +15,7 @@ import asyncio
 import logging
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 
 from pluggably.core.context import RequestContext
 
@@ -28,11 +28,17 @@ class CallHook:
     # True for a hook whose `start` has nothing to do for unary calls: it is not run for them.
     starts_streams_only = False
 
-    async def start(self, ctx: RequestContext, metadata: Mapping[str, str]) -> None:
-        """Before the handler. Raise a `PluggablyError` to refuse the call."""
+    # `start` and `finish` may be plain functions or coroutine functions (or return an
+    # awaitable only when they have something to await): a coroutine per hook and call is a
+    # cost every RPC pays, and most hooks have nothing to await.
 
-    async def finish(self, ctx: RequestContext) -> None:
+    def start(self, ctx: RequestContext, metadata: Mapping[str, str]) -> Awaitable[None] | None:
+        """Before the handler. Raise a `PluggablyError` to refuse the call."""
+        return None
+
+    def finish(self, ctx: RequestContext) -> Awaitable[None] | None:
         """After the call, whatever its outcome, on the call's path; must not raise."""
+        return None
 
     def observe(self, ctx: RequestContext) -> None:
         """After the call, off its path: up to `CallObservers.interval_s` later, in a batch with

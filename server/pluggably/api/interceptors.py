@@ -359,7 +359,9 @@ class _Call:
         self._token = request_context.activate(self.ctx)
         for phases in self.hooks:
             if phases.start is not None:
-                await phases.start(self.ctx, self.metadata)
+                pending = phases.start(self.ctx, self.metadata)
+                if pending is not None:
+                    await pending
             self._started_hooks += 1
 
     async def send_headers(self) -> None:
@@ -412,7 +414,9 @@ class _Call:
             if phases.finish is None:
                 continue
             try:
-                await phases.finish(self.ctx)
+                pending = phases.finish(self.ctx)
+                if pending is not None:
+                    await pending
             except Exception:  # a broken hook must not turn a served call into an error
                 log.exception("hook %s failed to finish", type(phases.hook).__name__)
         self.ctx.ended = time.perf_counter()

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import TYPE_CHECKING
 
 from pluggably.api.hooks import CallHook
 from pluggably.core.context import KeyLimits, Principal, RequestContext
 from pluggably.core.errors import PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable
+from pluggably.security.ratelimit import Admission
 from pluggably.security.scopes import needs_key_only, required_scope
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ class AuthHook(CallHook):
         # Per method: the scope it needs, and whether any valid key will do instead.
         self._scopes: dict[str, tuple[str | None, bool]] = {}
 
-    async def start(self, ctx: RequestContext, metadata: Mapping[str, str]) -> None:
+    def start(self, ctx: RequestContext, metadata: Mapping[str, str]) -> None:
         header = metadata.get("authorization")
         if not header:
             raise Unauthenticated(
@@ -89,7 +90,7 @@ class AnonymousHook(CallHook):
 
     public_exempt = True
 
-    async def start(self, ctx: RequestContext, metadata: Mapping[str, str]) -> None:
+    def start(self, ctx: RequestContext, metadata: Mapping[str, str]) -> None:
         ctx.principal = ANONYMOUS
 
 
@@ -105,7 +106,7 @@ class StreamCapHook(CallHook):
         self.limit = limit
         self.active = 0
 
-    async def start(self, ctx: RequestContext, metadata: Mapping[str, str]) -> None:
+    def start(self, ctx: RequestContext, metadata: Mapping[str, str]) -> None:
         if not ctx.streaming:
             return
         if self.active >= self.limit:
@@ -119,7 +120,7 @@ class StreamCapHook(CallHook):
         self.active += 1
         ctx.scratch["stream_cap"] = True
 
-    async def finish(self, ctx: RequestContext) -> None:
+    def finish(self, ctx: RequestContext) -> None:
         if ctx.scratch.pop("stream_cap", None):
             self.active -= 1
 
@@ -159,16 +160,26 @@ class RateLimitHook(CallHook):
         merged = self._merged[own] = None if unlimited else limits
         return merged
 
-    async def start(self, ctx: RequestContext, metadata: Mapping[str, str]) -> None:
+    def start(self, ctx: RequestContext, metadata: Mapping[str, str]) -> Awaitable[None] | None:
         principal = ctx.principal or ANONYMOUS
         limits = self._limits(principal)
         if limits is None:
-            return
-        ctx.scratch["admission"] = await self._limiter.admit(
-            principal.key_id, limits, stream=ctx.streaming
-        )
+            return None
+        # Counters in this process need no await; Redis does.
+        admission = self._limiter.admit_nowait(principal.key_id, limits, stream=ctx.streaming)
+        if admission is None:
+            return self._admit(ctx, principal.key_id, limits)
+        ctx.scratch["admission"] = admission
+        return None
 
-    async def finish(self, ctx: RequestContext) -> None:
+    async def _admit(self, ctx: RequestContext, key_id: str, limits: KeyLimits) -> None:
+        ctx.scratch["admission"] = await self._limiter.admit(key_id, limits, stream=ctx.streaming)
+
+    def finish(self, ctx: RequestContext) -> Awaitable[None] | None:
         admission = ctx.scratch.pop("admission", None)
-        if admission is not None:
-            await self._limiter.settle(admission, ctx.input_tokens + ctx.output_tokens)  # type: ignore[arg-type]
+        if not isinstance(admission, Admission):
+            return None
+        tokens = ctx.input_tokens + ctx.output_tokens
+        if self._limiter.settle_nowait(admission, tokens):
+            return None
+        return self._limiter.settle(admission, tokens)

@@ -71,20 +71,23 @@ class RateLimiter(ABC):
         `limits` are resolved (None: unlimited in that dimension; otherwise at least 1).
         Raises `Unavailable` when the counters cannot be reached (Redis).
         """
-        for value in (
-            limits.requests_per_minute,
-            limits.tokens_per_minute,
-            limits.concurrent_streams,
-        ):
-            if value is not None and value < 1:
-                raise ValueError(f"rate limits must be None or at least 1, not {value}")
+        admission = self.admit_nowait(key_id, limits, stream=stream)
+        if admission is not None:
+            return admission
+        return await self._admit(key_id, limits, stream=stream)
+
+    def admit_nowait(self, key_id: str, limits: KeyLimits, *, stream: bool) -> Admission | None:
+        """`admit()` without awaiting, where no backend needs to be asked (nothing to count, or
+        counters in this process): the admission, or raises like `admit()`. None: call
+        `admit()`. Awaiting costs a coroutine on every RPC; most calls need none."""
+        _check_limits(limits)
         if (
             limits.requests_per_minute is None
             and limits.tokens_per_minute is None
             and (not stream or limits.concurrent_streams is None)
         ):
             return Admission(key_id)  # nothing to count: costs nothing
-        return await self._admit(key_id, limits, stream=stream)
+        return None
 
     async def settle(self, admission: Admission, tokens: int) -> None:
         """Charges the tokens the call used (input + output) and frees its stream slot.
@@ -93,13 +96,20 @@ class RateLimiter(ABC):
         Never raises for a backend failure (the call has already ended; an unreleased slot
         expires after `lease_ttl_s`).
         """
-        if admission.settled:
+        if self.settle_nowait(admission, tokens):
             return
         admission.settled = True
-        charge = max(0, tokens) if admission.tokens_per_minute is not None else 0
-        if charge == 0 and admission.stream_lease is None:
-            return
-        await self._settle(admission, charge)
+        await self._settle(admission, _charge(admission, tokens))
+
+    def settle_nowait(self, admission: Admission, tokens: int) -> bool:
+        """`settle()` without awaiting where no backend needs to be told: True when settled,
+        False when `settle()` must be awaited."""
+        if admission.settled:
+            return True
+        if _charge(admission, tokens) == 0 and admission.stream_lease is None:
+            admission.settled = True
+            return True
+        return False
 
     async def aclose(self) -> None:
         """Releases connections; the limiter is not used afterwards."""
@@ -185,7 +195,23 @@ class MemoryRateLimiter(RateLimiter):
         """Keys with state held (for tests and debugging)."""
         return len(self._keys)
 
+    def admit_nowait(self, key_id: str, limits: KeyLimits, *, stream: bool) -> Admission:
+        admission = super().admit_nowait(key_id, limits, stream=stream)
+        return self._admit_now(key_id, limits, stream=stream) if admission is None else admission
+
+    def settle_nowait(self, admission: Admission, tokens: int) -> bool:
+        if not super().settle_nowait(admission, tokens):
+            admission.settled = True
+            self._settle_now(admission, _charge(admission, tokens))
+        return True
+
     async def _admit(self, key_id: str, limits: KeyLimits, *, stream: bool) -> Admission:
+        return self._admit_now(key_id, limits, stream=stream)
+
+    async def _settle(self, admission: Admission, tokens: int) -> None:
+        self._settle_now(admission, tokens)
+
+    def _admit_now(self, key_id: str, limits: KeyLimits, *, stream: bool) -> Admission:
         now = self._clock()
         self._sweep(now)
         state = self._keys.get(key_id)
@@ -219,7 +245,7 @@ class MemoryRateLimiter(RateLimiter):
             state.leases[lease] = now + self._lease_ttl_s
         return Admission(key_id, stream_lease=lease, tokens_per_minute=tpm)
 
-    async def _settle(self, admission: Admission, tokens: int) -> None:
+    def _settle_now(self, admission: Admission, tokens: int) -> None:
         now = self._clock()
         state = self._keys.get(admission.key_id)
         if state is None:  # dropped while idle (no slot held): a fresh state is equivalent
@@ -242,6 +268,17 @@ class MemoryRateLimiter(RateLimiter):
                 state.leases and any(exp > now for exp in state.leases.values())
             ):
                 self._keys[key_id] = state
+
+
+def _check_limits(limits: KeyLimits) -> None:
+    for value in (limits.requests_per_minute, limits.tokens_per_minute, limits.concurrent_streams):
+        if value is not None and value < 1:
+            raise ValueError(f"rate limits must be None or at least 1, not {value}")
+
+
+def _charge(admission: Admission, tokens: int) -> int:
+    """The tokens to debit when `admission` is settled: none unless tokens are counted."""
+    return max(0, tokens) if admission.tokens_per_minute is not None else 0
 
 
 # --- redis ----------------------------------------------------------------------------------
