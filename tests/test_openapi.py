@@ -218,6 +218,8 @@ def test_path_and_query_parameters(doc: dict[str, Any]) -> None:
         ("pageToken", "query"),
         ("provider", "query"),
         ("modality", "query"),
+        ("state", "query"),
+        ("query", "query"),
     ]
     assert list_models[3]["schema"] == {"$ref": SCHEMAS + "pluggably.v1.Modality"}
 

@@ -76,6 +76,9 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     CancelDownload = not_yet("CancelDownload (model downloads)")
     DeleteModel = not_yet("DeleteModel (local model storage)")
     RescanModels = not_yet("RescanModels (model discovery)")
+    ListDownloads = not_yet("ListDownloads (model downloads)")
+    PinModel = not_yet("PinModel (local model storage)")
+    UnpinModel = not_yet("UnpinModel (local model storage)")
 
 
 def _require(value: str, field: str) -> None:

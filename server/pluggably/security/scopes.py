@@ -20,7 +20,7 @@ ADMIN = "admin"
 SCOPE_MEANINGS: dict[str, str] = {
     GENERATE: "generate text, images and meshes (unary and streaming)",
     MODELS_READ: "list and inspect models, their parameters and downloads",
-    MODELS_WRITE: "download, cancel, delete and rescan models",
+    MODELS_WRITE: "download, cancel, delete, pin and rescan models",
     STORAGE_READ: "see storage usage; list, inspect and read artifacts",
     STORAGE_ADMIN: "prune storage and delete artifacts",
     ADMIN: "every scope above",
@@ -43,6 +43,9 @@ METHOD_SCOPES: dict[str, str] = {
     f"{_PKG}ModelService/CancelDownload": MODELS_WRITE,
     f"{_PKG}ModelService/DeleteModel": MODELS_WRITE,
     f"{_PKG}ModelService/RescanModels": MODELS_WRITE,
+    f"{_PKG}ModelService/ListDownloads": MODELS_READ,
+    f"{_PKG}ModelService/PinModel": MODELS_WRITE,
+    f"{_PKG}ModelService/UnpinModel": MODELS_WRITE,
     f"{_PKG}StorageService/GetStorageUsage": STORAGE_READ,
     f"{_PKG}StorageService/ListArtifacts": STORAGE_READ,
     f"{_PKG}StorageService/GetArtifact": STORAGE_READ,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpluggably/v1/artifact.proto\x12\x0cpluggably.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xed\x01\n\x08\x41rtifact\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\r\n\x05model\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x63ontent_path\x18\x08 \x01(\t\x12\x13\n\x0binline_data\x18\t \x01(\x0c\x42g\n\x10\x64\x65v.pluggably.v1B\rArtifactProtoP\x01ZBgithub.com/pluggably/pluggably/clients/go/pluggably/v1;pluggablyv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpluggably/v1/artifact.proto\x12\x0cpluggably.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xfb\x01\n\x08\x41rtifact\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tmime_type\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\r\n\x05model\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x63ontent_path\x18\x08 \x01(\t\x12\x13\n\x0binline_data\x18\t \x01(\x0c\x12\x0c\n\x04kind\x18\n \x01(\tBg\n\x10\x64\x65v.pluggably.v1B\rArtifactProtoP\x01ZBgithub.com/pluggably/pluggably/clients/go/pluggably/v1;pluggablyv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,5 +34,5 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.pluggably.v1B\rArtifactProtoP\001ZBgithub.com/pluggably/pluggably/clients/go/pluggably/v1;pluggablyv1'
   _globals['_ARTIFACT']._serialized_start=79
-  _globals['_ARTIFACT']._serialized_end=316
+  _globals['_ARTIFACT']._serialized_end=330
 # @@protoc_insertion_point(module_scope)

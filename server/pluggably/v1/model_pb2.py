@@ -22,13 +22,14 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from google.rpc import error_details_pb2 as google_dot_rpc_dot_error__details__pb2
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pluggably/v1/model.proto\x12\x0cpluggably.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1egoogle/rpc/error_details.proto\x1a\x17google/rpc/status.proto\"\xe8\x02\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12(\n\x08modality\x18\x05 \x01(\x0e\x32\x16.pluggably.v1.Modality\x12\'\n\x05state\x18\x06 \x01(\x0e\x32\x18.pluggably.v1.ModelState\x12\x0f\n\x07\x61liases\x18\x07 \x03(\t\x12\x16\n\x0e\x63ontext_length\x18\x08 \x01(\x05\x12\x12\n\nsize_bytes\x18\t \x01(\x03\x12\x0e\n\x06loaded\x18\n \x01(\x08\x12\x35\n\x0c\x63\x61pabilities\x18\x0b \x01(\x0b\x32\x1f.pluggably.v1.ModelCapabilities\x12\x14\n\x0cstate_reason\x18\x0c \x01(\t\x12\x31\n\rcircuit_state\x18\r \x01(\x0e\x32\x1a.pluggably.v1.CircuitState\"\x8f\x01\n\x11ModelCapabilities\x12\x11\n\tstreaming\x18\x01 \x01(\x08\x12\r\n\x05tools\x18\x02 \x01(\x08\x12\x13\n\x0bimage_input\x18\x03 \x01(\x08\x12\x13\n\x0bjson_object\x18\x04 \x01(\x08\x12\x13\n\x0bjson_schema\x18\x05 \x01(\x08\x12\x19\n\x11max_output_tokens\x18\x06 \x01(\x05\"\xfe\x01\n\rParameterSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x04type\x18\x02 \x01(\x0e\x32\x1b.pluggably.v1.ParameterType\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x11\n\tsupported\x18\x04 \x01(\x08\x12-\n\rdefault_value\x18\x05 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x14\n\x07minimum\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x11\x65xclusive_minimum\x18\x07 \x01(\x08\x12\x14\n\x07maximum\x18\x08 \x01(\x01H\x01\x88\x01\x01\x42\n\n\x08_minimumB\n\n\x08_maximum\"\xa8\x02\n\x08\x44ownload\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07repo_id\x18\x03 \x01(\t\x12\x10\n\x08revision\x18\x04 \x01(\t\x12*\n\x05state\x18\x05 \x01(\x0e\x32\x1b.pluggably.v1.DownloadState\x12\x18\n\x10\x64ownloaded_bytes\x18\x06 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x07 \x01(\x03\x12!\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x12.google.rpc.Status\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp*|\n\x0c\x43ircuitState\x12\x1d\n\x19\x43IRCUIT_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43IRCUIT_STATE_CLOSED\x10\x01\x12\x16\n\x12\x43IRCUIT_STATE_OPEN\x10\x02\x12\x1b\n\x17\x43IRCUIT_STATE_HALF_OPEN\x10\x03*^\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x11\n\rMODALITY_TEXT\x10\x01\x12\x12\n\x0eMODALITY_IMAGE\x10\x02\x12\x11\n\rMODALITY_MESH\x10\x03*\xb5\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15MODEL_STATE_AVAILABLE\x10\x01\x12\x1b\n\x17MODEL_STATE_DOWNLOADING\x10\x02\x12\x1e\n\x1aMODEL_STATE_NOT_DOWNLOADED\x10\x03\x12\x15\n\x11MODEL_STATE_ERROR\x10\x04\x12\x1b\n\x17MODEL_STATE_UNAVAILABLE\x10\x05*\xbd\x01\n\rParameterType\x12\x1e\n\x1aPARAMETER_TYPE_UNSPECIFIED\x10\x00\x12\x1a\n\x16PARAMETER_TYPE_INTEGER\x10\x01\x12\x19\n\x15PARAMETER_TYPE_NUMBER\x10\x02\x12\x19\n\x15PARAMETER_TYPE_STRING\x10\x03\x12\x1a\n\x16PARAMETER_TYPE_BOOLEAN\x10\x04\x12\x1e\n\x1aPARAMETER_TYPE_STRING_LIST\x10\x05*\xbd\x01\n\rDownloadState\x12\x1e\n\x1a\x44OWNLOAD_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x44OWNLOAD_STATE_QUEUED\x10\x01\x12\x1a\n\x16\x44OWNLOAD_STATE_RUNNING\x10\x02\x12\x1c\n\x18\x44OWNLOAD_STATE_SUCCEEDED\x10\x03\x12\x19\n\x15\x44OWNLOAD_STATE_FAILED\x10\x04\x12\x1c\n\x18\x44OWNLOAD_STATE_CANCELLED\x10\x05\x42\x64\n\x10\x64\x65v.pluggably.v1B\nModelProtoP\x01ZBgithub.com/pluggably/pluggably/clients/go/pluggably/v1;pluggablyv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18pluggably/v1/model.proto\x12\x0cpluggably.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1egoogle/rpc/error_details.proto\x1a\x17google/rpc/status.proto\"\x8f\x05\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12(\n\x08modality\x18\x05 \x01(\x0e\x32\x16.pluggably.v1.Modality\x12\'\n\x05state\x18\x06 \x01(\x0e\x32\x18.pluggably.v1.ModelState\x12\x0f\n\x07\x61liases\x18\x07 \x03(\t\x12\x16\n\x0e\x63ontext_length\x18\x08 \x01(\x05\x12\x12\n\nsize_bytes\x18\t \x01(\x03\x12\x0e\n\x06loaded\x18\n \x01(\x08\x12\x35\n\x0c\x63\x61pabilities\x18\x0b \x01(\x0b\x32\x1f.pluggably.v1.ModelCapabilities\x12\x14\n\x0cstate_reason\x18\x0c \x01(\t\x12\x31\n\rcircuit_state\x18\r \x01(\x0e\x32\x1a.pluggably.v1.CircuitState\x12)\n\x06\x66ormat\x18\x0e \x01(\x0e\x32\x19.pluggably.v1.ModelFormat\x12)\n\x06source\x18\x0f \x01(\x0e\x32\x19.pluggably.v1.ModelSource\x12\x13\n\x0bsource_repo\x18\x10 \x01(\t\x12\x17\n\x0fsource_revision\x18\x11 \x01(\t\x12\x19\n\x11resolved_revision\x18\x12 \x01(\t\x12\x12\n\nlocal_path\x18\x13 \x01(\t\x12\x0e\n\x06pinned\x18\x14 \x01(\x08\x12\x31\n\rlast_use_time\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x63reate_time\x18\x16 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8f\x01\n\x11ModelCapabilities\x12\x11\n\tstreaming\x18\x01 \x01(\x08\x12\r\n\x05tools\x18\x02 \x01(\x08\x12\x13\n\x0bimage_input\x18\x03 \x01(\x08\x12\x13\n\x0bjson_object\x18\x04 \x01(\x08\x12\x13\n\x0bjson_schema\x18\x05 \x01(\x08\x12\x19\n\x11max_output_tokens\x18\x06 \x01(\x05\"\xfe\x01\n\rParameterSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x04type\x18\x02 \x01(\x0e\x32\x1b.pluggably.v1.ParameterType\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x11\n\tsupported\x18\x04 \x01(\x08\x12-\n\rdefault_value\x18\x05 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x14\n\x07minimum\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x11\x65xclusive_minimum\x18\x07 \x01(\x08\x12\x14\n\x07maximum\x18\x08 \x01(\x01H\x01\x88\x01\x01\x42\n\n\x08_minimumB\n\n\x08_maximum\"\xe6\x03\n\x08\x44ownload\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07repo_id\x18\x03 \x01(\t\x12\x10\n\x08revision\x18\x04 \x01(\t\x12*\n\x05state\x18\x05 \x01(\x0e\x32\x1b.pluggably.v1.DownloadState\x12\x18\n\x10\x64ownloaded_bytes\x18\x06 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x07 \x01(\x03\x12!\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x12.google.rpc.Status\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x64ownloaded_files\x18\x0b \x01(\x05\x12\x13\n\x0btotal_files\x18\x0c \x01(\x05\x12\x18\n\x10\x62ytes_per_second\x18\r \x01(\x01\x12&\n\x03\x65ta\x18\x0e \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1a\n\x12requested_revision\x18\x0f \x01(\t\x12\x16\n\x0e\x61llow_patterns\x18\x10 \x03(\t\x12\x17\n\x0fignore_patterns\x18\x11 \x03(\t*\x9b\x01\n\x0bModelFormat\x12\x1c\n\x18MODEL_FORMAT_UNSPECIFIED\x10\x00\x12\x1d\n\x19MODEL_FORMAT_TRANSFORMERS\x10\x01\x12\x1a\n\x16MODEL_FORMAT_DIFFUSERS\x10\x02\x12\x15\n\x11MODEL_FORMAT_GGUF\x10\x03\x12\x1c\n\x18MODEL_FORMAT_SAFETENSORS\x10\x04*{\n\x0bModelSource\x12\x1c\n\x18MODEL_SOURCE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_SOURCE_CONFIG\x10\x01\x12\x19\n\x15MODEL_SOURCE_DOWNLOAD\x10\x02\x12\x1a\n\x16MODEL_SOURCE_DISCOVERY\x10\x03*|\n\x0c\x43ircuitState\x12\x1d\n\x19\x43IRCUIT_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43IRCUIT_STATE_CLOSED\x10\x01\x12\x16\n\x12\x43IRCUIT_STATE_OPEN\x10\x02\x12\x1b\n\x17\x43IRCUIT_STATE_HALF_OPEN\x10\x03*^\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x11\n\rMODALITY_TEXT\x10\x01\x12\x12\n\x0eMODALITY_IMAGE\x10\x02\x12\x11\n\rMODALITY_MESH\x10\x03*\xeb\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15MODEL_STATE_AVAILABLE\x10\x01\x12\x1b\n\x17MODEL_STATE_DOWNLOADING\x10\x02\x12\x1e\n\x1aMODEL_STATE_NOT_DOWNLOADED\x10\x03\x12\x15\n\x11MODEL_STATE_ERROR\x10\x04\x12\x1b\n\x17MODEL_STATE_UNAVAILABLE\x10\x05\x12\x18\n\x14MODEL_STATE_DELETING\x10\x06\x12\x1a\n\x16MODEL_STATE_UNSERVABLE\x10\x07*\xbd\x01\n\rParameterType\x12\x1e\n\x1aPARAMETER_TYPE_UNSPECIFIED\x10\x00\x12\x1a\n\x16PARAMETER_TYPE_INTEGER\x10\x01\x12\x19\n\x15PARAMETER_TYPE_NUMBER\x10\x02\x12\x19\n\x15PARAMETER_TYPE_STRING\x10\x03\x12\x1a\n\x16PARAMETER_TYPE_BOOLEAN\x10\x04\x12\x1e\n\x1aPARAMETER_TYPE_STRING_LIST\x10\x05*\xbd\x01\n\rDownloadState\x12\x1e\n\x1a\x44OWNLOAD_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x44OWNLOAD_STATE_QUEUED\x10\x01\x12\x1a\n\x16\x44OWNLOAD_STATE_RUNNING\x10\x02\x12\x1c\n\x18\x44OWNLOAD_STATE_SUCCEEDED\x10\x03\x12\x19\n\x15\x44OWNLOAD_STATE_FAILED\x10\x04\x12\x1c\n\x18\x44OWNLOAD_STATE_CANCELLED\x10\x05\x42\x64\n\x10\x64\x65v.pluggably.v1B\nModelProtoP\x01ZBgithub.com/pluggably/pluggably/clients/go/pluggably/v1;pluggablyv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,22 +37,26 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pluggably.v1.model_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\020dev.pluggably.v1B\nModelProtoP\001ZBgithub.com/pluggably/pluggably/clients/go/pluggably/v1;pluggablyv1'
-  _globals['_CIRCUITSTATE']._serialized_start=1227
-  _globals['_CIRCUITSTATE']._serialized_end=1351
-  _globals['_MODALITY']._serialized_start=1353
-  _globals['_MODALITY']._serialized_end=1447
-  _globals['_MODELSTATE']._serialized_start=1450
-  _globals['_MODELSTATE']._serialized_end=1631
-  _globals['_PARAMETERTYPE']._serialized_start=1634
-  _globals['_PARAMETERTYPE']._serialized_end=1823
-  _globals['_DOWNLOADSTATE']._serialized_start=1826
-  _globals['_DOWNLOADSTATE']._serialized_end=2015
-  _globals['_MODEL']._serialized_start=163
-  _globals['_MODEL']._serialized_end=523
-  _globals['_MODELCAPABILITIES']._serialized_start=526
-  _globals['_MODELCAPABILITIES']._serialized_end=669
-  _globals['_PARAMETERSPEC']._serialized_start=672
-  _globals['_PARAMETERSPEC']._serialized_end=926
-  _globals['_DOWNLOAD']._serialized_start=929
-  _globals['_DOWNLOAD']._serialized_end=1225
+  _globals['_MODELFORMAT']._serialized_start=1745
+  _globals['_MODELFORMAT']._serialized_end=1900
+  _globals['_MODELSOURCE']._serialized_start=1902
+  _globals['_MODELSOURCE']._serialized_end=2025
+  _globals['_CIRCUITSTATE']._serialized_start=2027
+  _globals['_CIRCUITSTATE']._serialized_end=2151
+  _globals['_MODALITY']._serialized_start=2153
+  _globals['_MODALITY']._serialized_end=2247
+  _globals['_MODELSTATE']._serialized_start=2250
+  _globals['_MODELSTATE']._serialized_end=2485
+  _globals['_PARAMETERTYPE']._serialized_start=2488
+  _globals['_PARAMETERTYPE']._serialized_end=2677
+  _globals['_DOWNLOADSTATE']._serialized_start=2680
+  _globals['_DOWNLOADSTATE']._serialized_end=2869
+  _globals['_MODEL']._serialized_start=195
+  _globals['_MODEL']._serialized_end=850
+  _globals['_MODELCAPABILITIES']._serialized_start=853
+  _globals['_MODELCAPABILITIES']._serialized_end=996
+  _globals['_PARAMETERSPEC']._serialized_start=999
+  _globals['_PARAMETERSPEC']._serialized_end=1253
+  _globals['_DOWNLOAD']._serialized_start=1256
+  _globals['_DOWNLOAD']._serialized_end=1742
 # @@protoc_insertion_point(module_scope)

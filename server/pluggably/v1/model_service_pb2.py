@@ -26,7 +26,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from pluggably.v1 import model_pb2 as pluggably_dot_v1_dot_model__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n pluggably/v1/model_service.proto\x12\x0cpluggably.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x18pluggably/v1/model.proto\"v\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08provider\x18\x03 \x01(\t\x12(\n\x08modality\x18\x04 \x01(\x0e\x32\x16.pluggably.v1.Modality\"R\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.pluggably.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1d\n\x0fGetModelRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\'\n\x19GetModelParametersRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\\\n\x1aGetModelParametersResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12/\n\nparameters\x18\x02 \x03(\x0b\x32\x1b.pluggably.v1.ParameterSpec\"o\n\x14\x44ownloadModelRequest\x12\x0f\n\x07repo_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x16\n\x0e\x61llow_patterns\x18\x04 \x03(\t\x12\x0e\n\x06pinned\x18\x05 \x01(\x08\" \n\x12GetDownloadRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\"\n\x14WatchDownloadRequest\x12\n\n\x02id\x18\x01 \x01(\t\"#\n\x15\x43\x61ncelDownloadRequest\x12\n\n\x02id\x18\x01 \x01(\t\" \n\x12\x44\x65leteModelRequest\x12\n\n\x02id\x18\x01 \x01(\t\"*\n\x13\x44\x65leteModelResponse\x12\x13\n\x0b\x66reed_bytes\x18\x01 \x01(\x03\"\x15\n\x13RescanModelsRequest\"6\n\x14RescanModelsResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x03(\t\x12\x0f\n\x07removed\x18\x02 \x03(\t2\xfd\x07\n\x0cModelService\x12\x63\n\nListModels\x12\x1f.pluggably.v1.ListModelsRequest\x1a .pluggably.v1.ListModelsResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/models\x12Z\n\x08GetModel\x12\x1d.pluggably.v1.GetModelRequest\x1a\x13.pluggably.v1.Model\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/models/{id=**}\x12\x8e\x01\n\x12GetModelParameters\x12\'.pluggably.v1.GetModelParametersRequest\x1a(.pluggably.v1.GetModelParametersResponse\"%\x82\xd3\xe4\x93\x02\x1f\x12\x1d/v1/models/{id=**}:parameters\x12k\n\rDownloadModel\x12\".pluggably.v1.DownloadModelRequest\x1a\x16.pluggably.v1.Download\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/v1/models:download:\x01*\x12\x63\n\x0bGetDownload\x12 .pluggably.v1.GetDownloadRequest\x1a\x16.pluggably.v1.Download\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/downloads/{id}\x12o\n\rWatchDownload\x12\".pluggably.v1.WatchDownloadRequest\x1a\x16.pluggably.v1.Download\" \x82\xd3\xe4\x93\x02\x1a\x12\x18/v1/downloads/{id}:watch0\x01\x12s\n\x0e\x43\x61ncelDownload\x12#.pluggably.v1.CancelDownloadRequest\x1a\x16.pluggably.v1.Download\"$\x82\xd3\xe4\x93\x02\x1e\"\x19/v1/downloads/{id}:cancel:\x01*\x12n\n\x0b\x44\x65leteModel\x12 .pluggably.v1.DeleteModelRequest\x1a!.pluggably.v1.DeleteModelResponse\"\x1a\x82\xd3\xe4\x93\x02\x14*\x12/v1/models/{id=**}\x12s\n\x0cRescanModels\x12!.pluggably.v1.RescanModelsRequest\x1a\".pluggably.v1.RescanModelsResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\"\x11/v1/models:rescan:\x01*Bk\n\x10\x64\x65v.pluggably.v1B\x11ModelServiceProtoP\x01ZBgithub.com/pluggably/pluggably/clients/go/pluggably/v1;pluggablyv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n pluggably/v1/model_service.proto\x12\x0cpluggably.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x18pluggably/v1/model.proto\"\xae\x01\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08provider\x18\x03 \x01(\t\x12(\n\x08modality\x18\x04 \x01(\x0e\x32\x16.pluggably.v1.Modality\x12\'\n\x05state\x18\x05 \x01(\x0e\x32\x18.pluggably.v1.ModelState\x12\r\n\x05query\x18\x06 \x01(\t\"R\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.pluggably.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1d\n\x0fGetModelRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\'\n\x19GetModelParametersRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\\\n\x1aGetModelParametersResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12/\n\nparameters\x18\x02 \x03(\x0b\x32\x1b.pluggably.v1.ParameterSpec\"\x88\x01\n\x14\x44ownloadModelRequest\x12\x0f\n\x07repo_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x16\n\x0e\x61llow_patterns\x18\x04 \x03(\t\x12\x0e\n\x06pinned\x18\x05 \x01(\x08\x12\x17\n\x0fignore_patterns\x18\x06 \x03(\t\" \n\x12GetDownloadRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\"\n\x14WatchDownloadRequest\x12\n\n\x02id\x18\x01 \x01(\t\"#\n\x15\x43\x61ncelDownloadRequest\x12\n\n\x02id\x18\x01 \x01(\t\" \n\x12\x44\x65leteModelRequest\x12\n\n\x02id\x18\x01 \x01(\t\"*\n\x13\x44\x65leteModelResponse\x12\x13\n\x0b\x66reed_bytes\x18\x01 \x01(\x03\"\x15\n\x13RescanModelsRequest\"i\n\x14ListDownloadsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12*\n\x05state\x18\x03 \x01(\x0e\x32\x1b.pluggably.v1.DownloadState\"[\n\x15ListDownloadsResponse\x12)\n\tdownloads\x18\x01 \x03(\x0b\x32\x16.pluggably.v1.Download\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1d\n\x0fPinModelRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1f\n\x11UnpinModelRequest\x12\n\n\x02id\x18\x01 \x01(\t\"6\n\x14RescanModelsResponse\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x01 \x03(\t\x12\x0f\n\x07removed\x18\x02 \x03(\t2\xba\n\n\x0cModelService\x12\x63\n\nListModels\x12\x1f.pluggably.v1.ListModelsRequest\x1a .pluggably.v1.ListModelsResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/models\x12Z\n\x08GetModel\x12\x1d.pluggably.v1.GetModelRequest\x1a\x13.pluggably.v1.Model\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/models/{id=**}\x12\x8e\x01\n\x12GetModelParameters\x12\'.pluggably.v1.GetModelParametersRequest\x1a(.pluggably.v1.GetModelParametersResponse\"%\x82\xd3\xe4\x93\x02\x1f\x12\x1d/v1/models/{id=**}:parameters\x12k\n\rDownloadModel\x12\".pluggably.v1.DownloadModelRequest\x1a\x16.pluggably.v1.Download\"\x1e\x82\xd3\xe4\x93\x02\x18\"\x13/v1/models:download:\x01*\x12\x63\n\x0bGetDownload\x12 .pluggably.v1.GetDownloadRequest\x1a\x16.pluggably.v1.Download\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/downloads/{id}\x12o\n\rWatchDownload\x12\".pluggably.v1.WatchDownloadRequest\x1a\x16.pluggably.v1.Download\" \x82\xd3\xe4\x93\x02\x1a\x12\x18/v1/downloads/{id}:watch0\x01\x12s\n\x0e\x43\x61ncelDownload\x12#.pluggably.v1.CancelDownloadRequest\x1a\x16.pluggably.v1.Download\"$\x82\xd3\xe4\x93\x02\x1e\"\x19/v1/downloads/{id}:cancel:\x01*\x12n\n\x0b\x44\x65leteModel\x12 .pluggably.v1.DeleteModelRequest\x1a!.pluggably.v1.DeleteModelResponse\"\x1a\x82\xd3\xe4\x93\x02\x14*\x12/v1/models/{id=**}\x12s\n\x0cRescanModels\x12!.pluggably.v1.RescanModelsRequest\x1a\".pluggably.v1.RescanModelsResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\"\x11/v1/models:rescan:\x01*\x12o\n\rListDownloads\x12\".pluggably.v1.ListDownloadsRequest\x1a#.pluggably.v1.ListDownloadsResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/v1/downloads\x12\x61\n\x08PinModel\x12\x1d.pluggably.v1.PinModelRequest\x1a\x13.pluggably.v1.Model\"!\x82\xd3\xe4\x93\x02\x1b\"\x16/v1/models/{id=**}:pin:\x01*\x12g\n\nUnpinModel\x12\x1f.pluggably.v1.UnpinModelRequest\x1a\x13.pluggably.v1.Model\"#\x82\xd3\xe4\x93\x02\x1d\"\x18/v1/models/{id=**}:unpin:\x01*Bk\n\x10\x64\x65v.pluggably.v1B\x11ModelServiceProtoP\x01ZBgithub.com/pluggably/pluggably/clients/go/pluggably/v1;pluggablyv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -52,32 +52,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MODELSERVICE'].methods_by_name['DeleteModel']._serialized_options = b'\202\323\344\223\002\024*\022/v1/models/{id=**}'
   _globals['_MODELSERVICE'].methods_by_name['RescanModels']._loaded_options = None
   _globals['_MODELSERVICE'].methods_by_name['RescanModels']._serialized_options = b'\202\323\344\223\002\026\"\021/v1/models:rescan:\001*'
-  _globals['_LISTMODELSREQUEST']._serialized_start=106
-  _globals['_LISTMODELSREQUEST']._serialized_end=224
-  _globals['_LISTMODELSRESPONSE']._serialized_start=226
-  _globals['_LISTMODELSRESPONSE']._serialized_end=308
-  _globals['_GETMODELREQUEST']._serialized_start=310
-  _globals['_GETMODELREQUEST']._serialized_end=339
-  _globals['_GETMODELPARAMETERSREQUEST']._serialized_start=341
-  _globals['_GETMODELPARAMETERSREQUEST']._serialized_end=380
-  _globals['_GETMODELPARAMETERSRESPONSE']._serialized_start=382
-  _globals['_GETMODELPARAMETERSRESPONSE']._serialized_end=474
-  _globals['_DOWNLOADMODELREQUEST']._serialized_start=476
-  _globals['_DOWNLOADMODELREQUEST']._serialized_end=587
-  _globals['_GETDOWNLOADREQUEST']._serialized_start=589
-  _globals['_GETDOWNLOADREQUEST']._serialized_end=621
-  _globals['_WATCHDOWNLOADREQUEST']._serialized_start=623
-  _globals['_WATCHDOWNLOADREQUEST']._serialized_end=657
-  _globals['_CANCELDOWNLOADREQUEST']._serialized_start=659
-  _globals['_CANCELDOWNLOADREQUEST']._serialized_end=694
-  _globals['_DELETEMODELREQUEST']._serialized_start=696
-  _globals['_DELETEMODELREQUEST']._serialized_end=728
-  _globals['_DELETEMODELRESPONSE']._serialized_start=730
-  _globals['_DELETEMODELRESPONSE']._serialized_end=772
-  _globals['_RESCANMODELSREQUEST']._serialized_start=774
-  _globals['_RESCANMODELSREQUEST']._serialized_end=795
-  _globals['_RESCANMODELSRESPONSE']._serialized_start=797
-  _globals['_RESCANMODELSRESPONSE']._serialized_end=851
-  _globals['_MODELSERVICE']._serialized_start=854
-  _globals['_MODELSERVICE']._serialized_end=1875
+  _globals['_MODELSERVICE'].methods_by_name['ListDownloads']._loaded_options = None
+  _globals['_MODELSERVICE'].methods_by_name['ListDownloads']._serialized_options = b'\202\323\344\223\002\017\022\r/v1/downloads'
+  _globals['_MODELSERVICE'].methods_by_name['PinModel']._loaded_options = None
+  _globals['_MODELSERVICE'].methods_by_name['PinModel']._serialized_options = b'\202\323\344\223\002\033\"\026/v1/models/{id=**}:pin:\001*'
+  _globals['_MODELSERVICE'].methods_by_name['UnpinModel']._loaded_options = None
+  _globals['_MODELSERVICE'].methods_by_name['UnpinModel']._serialized_options = b'\202\323\344\223\002\035\"\030/v1/models/{id=**}:unpin:\001*'
+  _globals['_LISTMODELSREQUEST']._serialized_start=107
+  _globals['_LISTMODELSREQUEST']._serialized_end=281
+  _globals['_LISTMODELSRESPONSE']._serialized_start=283
+  _globals['_LISTMODELSRESPONSE']._serialized_end=365
+  _globals['_GETMODELREQUEST']._serialized_start=367
+  _globals['_GETMODELREQUEST']._serialized_end=396
+  _globals['_GETMODELPARAMETERSREQUEST']._serialized_start=398
+  _globals['_GETMODELPARAMETERSREQUEST']._serialized_end=437
+  _globals['_GETMODELPARAMETERSRESPONSE']._serialized_start=439
+  _globals['_GETMODELPARAMETERSRESPONSE']._serialized_end=531
+  _globals['_DOWNLOADMODELREQUEST']._serialized_start=534
+  _globals['_DOWNLOADMODELREQUEST']._serialized_end=670
+  _globals['_GETDOWNLOADREQUEST']._serialized_start=672
+  _globals['_GETDOWNLOADREQUEST']._serialized_end=704
+  _globals['_WATCHDOWNLOADREQUEST']._serialized_start=706
+  _globals['_WATCHDOWNLOADREQUEST']._serialized_end=740
+  _globals['_CANCELDOWNLOADREQUEST']._serialized_start=742
+  _globals['_CANCELDOWNLOADREQUEST']._serialized_end=777
+  _globals['_DELETEMODELREQUEST']._serialized_start=779
+  _globals['_DELETEMODELREQUEST']._serialized_end=811
+  _globals['_DELETEMODELRESPONSE']._serialized_start=813
+  _globals['_DELETEMODELRESPONSE']._serialized_end=855
+  _globals['_RESCANMODELSREQUEST']._serialized_start=857
+  _globals['_RESCANMODELSREQUEST']._serialized_end=878
+  _globals['_LISTDOWNLOADSREQUEST']._serialized_start=880
+  _globals['_LISTDOWNLOADSREQUEST']._serialized_end=985
+  _globals['_LISTDOWNLOADSRESPONSE']._serialized_start=987
+  _globals['_LISTDOWNLOADSRESPONSE']._serialized_end=1078
+  _globals['_PINMODELREQUEST']._serialized_start=1080
+  _globals['_PINMODELREQUEST']._serialized_end=1109
+  _globals['_UNPINMODELREQUEST']._serialized_start=1111
+  _globals['_UNPINMODELREQUEST']._serialized_end=1142
+  _globals['_RESCANMODELSRESPONSE']._serialized_start=1144
+  _globals['_RESCANMODELSRESPONSE']._serialized_end=1198
+  _globals['_MODELSERVICE']._serialized_start=1201
+  _globals['_MODELSERVICE']._serialized_end=2539
 # @@protoc_insertion_point(module_scope)

@@ -82,6 +82,21 @@ class ModelServiceStub:
                 request_serializer=pluggably_dot_v1_dot_model__service__pb2.RescanModelsRequest.SerializeToString,
                 response_deserializer=pluggably_dot_v1_dot_model__service__pb2.RescanModelsResponse.FromString,
                 _registered_method=True)
+        self.ListDownloads = channel.unary_unary(
+                '/pluggably.v1.ModelService/ListDownloads',
+                request_serializer=pluggably_dot_v1_dot_model__service__pb2.ListDownloadsRequest.SerializeToString,
+                response_deserializer=pluggably_dot_v1_dot_model__service__pb2.ListDownloadsResponse.FromString,
+                _registered_method=True)
+        self.PinModel = channel.unary_unary(
+                '/pluggably.v1.ModelService/PinModel',
+                request_serializer=pluggably_dot_v1_dot_model__service__pb2.PinModelRequest.SerializeToString,
+                response_deserializer=pluggably_dot_v1_dot_model__pb2.Model.FromString,
+                _registered_method=True)
+        self.UnpinModel = channel.unary_unary(
+                '/pluggably.v1.ModelService/UnpinModel',
+                request_serializer=pluggably_dot_v1_dot_model__service__pb2.UnpinModelRequest.SerializeToString,
+                response_deserializer=pluggably_dot_v1_dot_model__pb2.Model.FromString,
+                _registered_method=True)
 
 
 class ModelServiceServicer:
@@ -183,6 +198,38 @@ class ModelServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDownloads(self, request, context):
+        """Lists downloads, newest first: running and queued ones, and ended ones the server still
+        remembers.
+
+        Needs an API key with the scope `models:read` (header `authorization: Bearer <key>`):
+        UNAUTHENTICATED without a valid key, PERMISSION_DENIED without the scope.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PinModel(self, request, context):
+        """Keeps a local model out of automatic eviction. NOT_FOUND for unknown models,
+        FAILED_PRECONDITION for remote ones.
+
+        Needs an API key with the scope `models:write` (header `authorization: Bearer <key>`):
+        UNAUTHENTICATED without a valid key, PERMISSION_DENIED without the scope.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnpinModel(self, request, context):
+        """Lets automatic eviction remove a local model again when space is needed.
+
+        Needs an API key with the scope `models:write` (header `authorization: Bearer <key>`):
+        UNAUTHENTICATED without a valid key, PERMISSION_DENIED without the scope.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -230,6 +277,21 @@ def add_ModelServiceServicer_to_server(servicer, server):
                     servicer.RescanModels,
                     request_deserializer=pluggably_dot_v1_dot_model__service__pb2.RescanModelsRequest.FromString,
                     response_serializer=pluggably_dot_v1_dot_model__service__pb2.RescanModelsResponse.SerializeToString,
+            ),
+            'ListDownloads': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDownloads,
+                    request_deserializer=pluggably_dot_v1_dot_model__service__pb2.ListDownloadsRequest.FromString,
+                    response_serializer=pluggably_dot_v1_dot_model__service__pb2.ListDownloadsResponse.SerializeToString,
+            ),
+            'PinModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.PinModel,
+                    request_deserializer=pluggably_dot_v1_dot_model__service__pb2.PinModelRequest.FromString,
+                    response_serializer=pluggably_dot_v1_dot_model__pb2.Model.SerializeToString,
+            ),
+            'UnpinModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnpinModel,
+                    request_deserializer=pluggably_dot_v1_dot_model__service__pb2.UnpinModelRequest.FromString,
+                    response_serializer=pluggably_dot_v1_dot_model__pb2.Model.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -477,6 +539,87 @@ class ModelService:
             '/pluggably.v1.ModelService/RescanModels',
             pluggably_dot_v1_dot_model__service__pb2.RescanModelsRequest.SerializeToString,
             pluggably_dot_v1_dot_model__service__pb2.RescanModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDownloads(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pluggably.v1.ModelService/ListDownloads',
+            pluggably_dot_v1_dot_model__service__pb2.ListDownloadsRequest.SerializeToString,
+            pluggably_dot_v1_dot_model__service__pb2.ListDownloadsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PinModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pluggably.v1.ModelService/PinModel',
+            pluggably_dot_v1_dot_model__service__pb2.PinModelRequest.SerializeToString,
+            pluggably_dot_v1_dot_model__pb2.Model.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnpinModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pluggably.v1.ModelService/UnpinModel',
+            pluggably_dot_v1_dot_model__service__pb2.UnpinModelRequest.SerializeToString,
+            pluggably_dot_v1_dot_model__pb2.Model.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,10 +25,11 @@ _sym_db = _symbol_database.Default()
 from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from pluggably.v1 import artifact_pb2 as pluggably_dot_v1_dot_artifact__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"pluggably/v1/storage_service.proto\x12\x0cpluggably.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bpluggably/v1/artifact.proto\"\x18\n\x16GetStorageUsageRequest\"\x8c\x01\n\x17GetStorageUsageResponse\x12/\n\ncategories\x18\x01 \x03(\x0b\x32\x1b.pluggably.v1.CategoryUsage\x12\x12\n\nused_bytes\x18\x02 \x01(\x03\x12\x13\n\x0blimit_bytes\x18\x03 \x01(\x03\x12\x17\n\x0f\x64isk_free_bytes\x18\x04 \x01(\x03\"}\n\rCategoryUsage\x12/\n\x08\x63\x61tegory\x18\x01 \x01(\x0e\x32\x1d.pluggably.v1.StorageCategory\x12\x12\n\nused_bytes\x18\x02 \x01(\x03\x12\x13\n\x0blimit_bytes\x18\x03 \x01(\x03\x12\x12\n\nitem_count\x18\x04 \x01(\x03\"\xa3\x01\n\x13PruneStorageRequest\x12\x31\n\ncategories\x18\x01 \x03(\x0e\x32\x1d.pluggably.v1.StorageCategory\x12\x19\n\x11target_free_bytes\x18\x02 \x01(\x03\x12-\n\nolder_than\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07\x64ry_run\x18\x04 \x01(\x08\"<\n\x14PruneStorageResponse\x12\x13\n\x0b\x66reed_bytes\x18\x01 \x01(\x03\x12\x0f\n\x07removed\x18\x02 \x03(\t\"L\n\x14ListArtifactsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\"[\n\x15ListArtifactsResponse\x12)\n\tartifacts\x18\x01 \x03(\x0b\x32\x16.pluggably.v1.Artifact\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\" \n\x12GetArtifactRequest\x12\n\n\x02id\x18\x01 \x01(\t\"!\n\x13ReadArtifactRequest\x12\n\n\x02id\x18\x01 \x01(\t\"#\n\x15\x44\x65leteArtifactRequest\x12\n\n\x02id\x18\x01 \x01(\t\"-\n\x16\x44\x65leteArtifactResponse\x12\x13\n\x0b\x66reed_bytes\x18\x01 \x01(\x03*\x8c\x01\n\x0fStorageCategory\x12 \n\x1cSTORAGE_CATEGORY_UNSPECIFIED\x10\x00\x12\x1b\n\x17STORAGE_CATEGORY_MODELS\x10\x01\x12\x1e\n\x1aSTORAGE_CATEGORY_ARTIFACTS\x10\x02\x12\x1a\n\x16STORAGE_CATEGORY_CACHE\x10\x03\x32\xbe\x05\n\x0eStorageService\x12y\n\x0fGetStorageUsage\x12$.pluggably.v1.GetStorageUsageRequest\x1a%.pluggably.v1.GetStorageUsageResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/storage/usage\x12s\n\x0cPruneStorage\x12!.pluggably.v1.PruneStorageRequest\x1a\".pluggably.v1.PruneStorageResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\"\x11/v1/storage:prune:\x01*\x12o\n\rListArtifacts\x12\".pluggably.v1.ListArtifactsRequest\x1a#.pluggably.v1.ListArtifactsResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/v1/artifacts\x12\x63\n\x0bGetArtifact\x12 .pluggably.v1.GetArtifactRequest\x1a\x16.pluggably.v1.Artifact\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/artifacts/{id}\x12m\n\x0cReadArtifact\x12!.pluggably.v1.ReadArtifactRequest\x1a\x14.google.api.HttpBody\"\"\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/artifacts/{id}:content0\x01\x12w\n\x0e\x44\x65leteArtifact\x12#.pluggably.v1.DeleteArtifactRequest\x1a$.pluggably.v1.DeleteArtifactResponse\"\x1a\x82\xd3\xe4\x93\x02\x14*\x12/v1/artifacts/{id}Bm\n\x10\x64\x65v.pluggably.v1B\x13StorageServiceProtoP\x01ZBgithub.com/pluggably/pluggably/clients/go/pluggably/v1;pluggablyv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"pluggably/v1/storage_service.proto\x12\x0cpluggably.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x19google/api/httpbody.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1bpluggably/v1/artifact.proto\"\x18\n\x16GetStorageUsageRequest\"\xc5\x01\n\x17GetStorageUsageResponse\x12/\n\ncategories\x18\x01 \x03(\x0b\x32\x1b.pluggably.v1.CategoryUsage\x12\x12\n\nused_bytes\x18\x02 \x01(\x03\x12\x13\n\x0blimit_bytes\x18\x03 \x01(\x03\x12\x17\n\x0f\x64isk_free_bytes\x18\x04 \x01(\x03\x12\x37\n\x10recent_evictions\x18\x05 \x03(\x0b\x32\x1d.pluggably.v1.StorageEviction\"\x9d\x01\n\x0fStorageEviction\x12\n\n\x02id\x18\x01 \x01(\t\x12/\n\x08\x63\x61tegory\x18\x02 \x01(\x0e\x32\x1d.pluggably.v1.StorageCategory\x12\x13\n\x0b\x66reed_bytes\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"}\n\rCategoryUsage\x12/\n\x08\x63\x61tegory\x18\x01 \x01(\x0e\x32\x1d.pluggably.v1.StorageCategory\x12\x12\n\nused_bytes\x18\x02 \x01(\x03\x12\x13\n\x0blimit_bytes\x18\x03 \x01(\x03\x12\x12\n\nitem_count\x18\x04 \x01(\x03\"\xa3\x01\n\x13PruneStorageRequest\x12\x31\n\ncategories\x18\x01 \x03(\x0e\x32\x1d.pluggably.v1.StorageCategory\x12\x19\n\x11target_free_bytes\x18\x02 \x01(\x03\x12-\n\nolder_than\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07\x64ry_run\x18\x04 \x01(\x08\"<\n\x14PruneStorageResponse\x12\x13\n\x0b\x66reed_bytes\x18\x01 \x01(\x03\x12\x0f\n\x07removed\x18\x02 \x03(\t\"Z\n\x14ListArtifactsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\"[\n\x15ListArtifactsResponse\x12)\n\tartifacts\x18\x01 \x03(\x0b\x32\x16.pluggably.v1.Artifact\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\" \n\x12GetArtifactRequest\x12\n\n\x02id\x18\x01 \x01(\t\"!\n\x13ReadArtifactRequest\x12\n\n\x02id\x18\x01 \x01(\t\"#\n\x15\x44\x65leteArtifactRequest\x12\n\n\x02id\x18\x01 \x01(\t\"-\n\x16\x44\x65leteArtifactResponse\x12\x13\n\x0b\x66reed_bytes\x18\x01 \x01(\x03*\xac\x01\n\x0fStorageCategory\x12 \n\x1cSTORAGE_CATEGORY_UNSPECIFIED\x10\x00\x12\x1b\n\x17STORAGE_CATEGORY_MODELS\x10\x01\x12\x1e\n\x1aSTORAGE_CATEGORY_ARTIFACTS\x10\x02\x12\x1a\n\x16STORAGE_CATEGORY_CACHE\x10\x03\x12\x1e\n\x1aSTORAGE_CATEGORY_TEMPORARY\x10\x04\x32\xbe\x05\n\x0eStorageService\x12y\n\x0fGetStorageUsage\x12$.pluggably.v1.GetStorageUsageRequest\x1a%.pluggably.v1.GetStorageUsageResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/v1/storage/usage\x12s\n\x0cPruneStorage\x12!.pluggably.v1.PruneStorageRequest\x1a\".pluggably.v1.PruneStorageResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\"\x11/v1/storage:prune:\x01*\x12o\n\rListArtifacts\x12\".pluggably.v1.ListArtifactsRequest\x1a#.pluggably.v1.ListArtifactsResponse\"\x15\x82\xd3\xe4\x93\x02\x0f\x12\r/v1/artifacts\x12\x63\n\x0bGetArtifact\x12 .pluggably.v1.GetArtifactRequest\x1a\x16.pluggably.v1.Artifact\"\x1a\x82\xd3\xe4\x93\x02\x14\x12\x12/v1/artifacts/{id}\x12m\n\x0cReadArtifact\x12!.pluggably.v1.ReadArtifactRequest\x1a\x14.google.api.HttpBody\"\"\x82\xd3\xe4\x93\x02\x1c\x12\x1a/v1/artifacts/{id}:content0\x01\x12w\n\x0e\x44\x65leteArtifact\x12#.pluggably.v1.DeleteArtifactRequest\x1a$.pluggably.v1.DeleteArtifactResponse\"\x1a\x82\xd3\xe4\x93\x02\x14*\x12/v1/artifacts/{id}Bm\n\x10\x64\x65v.pluggably.v1B\x13StorageServiceProtoP\x01ZBgithub.com/pluggably/pluggably/clients/go/pluggably/v1;pluggablyv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,30 +49,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STORAGESERVICE'].methods_by_name['ReadArtifact']._serialized_options = b'\202\323\344\223\002\034\022\032/v1/artifacts/{id}:content'
   _globals['_STORAGESERVICE'].methods_by_name['DeleteArtifact']._loaded_options = None
   _globals['_STORAGESERVICE'].methods_by_name['DeleteArtifact']._serialized_options = b'\202\323\344\223\002\024*\022/v1/artifacts/{id}'
-  _globals['_STORAGECATEGORY']._serialized_start=1019
-  _globals['_STORAGECATEGORY']._serialized_end=1159
-  _globals['_GETSTORAGEUSAGEREQUEST']._serialized_start=170
-  _globals['_GETSTORAGEUSAGEREQUEST']._serialized_end=194
-  _globals['_GETSTORAGEUSAGERESPONSE']._serialized_start=197
-  _globals['_GETSTORAGEUSAGERESPONSE']._serialized_end=337
-  _globals['_CATEGORYUSAGE']._serialized_start=339
-  _globals['_CATEGORYUSAGE']._serialized_end=464
-  _globals['_PRUNESTORAGEREQUEST']._serialized_start=467
-  _globals['_PRUNESTORAGEREQUEST']._serialized_end=630
-  _globals['_PRUNESTORAGERESPONSE']._serialized_start=632
-  _globals['_PRUNESTORAGERESPONSE']._serialized_end=692
-  _globals['_LISTARTIFACTSREQUEST']._serialized_start=694
-  _globals['_LISTARTIFACTSREQUEST']._serialized_end=770
-  _globals['_LISTARTIFACTSRESPONSE']._serialized_start=772
-  _globals['_LISTARTIFACTSRESPONSE']._serialized_end=863
-  _globals['_GETARTIFACTREQUEST']._serialized_start=865
-  _globals['_GETARTIFACTREQUEST']._serialized_end=897
-  _globals['_READARTIFACTREQUEST']._serialized_start=899
-  _globals['_READARTIFACTREQUEST']._serialized_end=932
-  _globals['_DELETEARTIFACTREQUEST']._serialized_start=934
-  _globals['_DELETEARTIFACTREQUEST']._serialized_end=969
-  _globals['_DELETEARTIFACTRESPONSE']._serialized_start=971
-  _globals['_DELETEARTIFACTRESPONSE']._serialized_end=1016
-  _globals['_STORAGESERVICE']._serialized_start=1162
-  _globals['_STORAGESERVICE']._serialized_end=1864
+  _globals['_STORAGECATEGORY']._serialized_start=1283
+  _globals['_STORAGECATEGORY']._serialized_end=1455
+  _globals['_GETSTORAGEUSAGEREQUEST']._serialized_start=203
+  _globals['_GETSTORAGEUSAGEREQUEST']._serialized_end=227
+  _globals['_GETSTORAGEUSAGERESPONSE']._serialized_start=230
+  _globals['_GETSTORAGEUSAGERESPONSE']._serialized_end=427
+  _globals['_STORAGEEVICTION']._serialized_start=430
+  _globals['_STORAGEEVICTION']._serialized_end=587
+  _globals['_CATEGORYUSAGE']._serialized_start=589
+  _globals['_CATEGORYUSAGE']._serialized_end=714
+  _globals['_PRUNESTORAGEREQUEST']._serialized_start=717
+  _globals['_PRUNESTORAGEREQUEST']._serialized_end=880
+  _globals['_PRUNESTORAGERESPONSE']._serialized_start=882
+  _globals['_PRUNESTORAGERESPONSE']._serialized_end=942
+  _globals['_LISTARTIFACTSREQUEST']._serialized_start=944
+  _globals['_LISTARTIFACTSREQUEST']._serialized_end=1034
+  _globals['_LISTARTIFACTSRESPONSE']._serialized_start=1036
+  _globals['_LISTARTIFACTSRESPONSE']._serialized_end=1127
+  _globals['_GETARTIFACTREQUEST']._serialized_start=1129
+  _globals['_GETARTIFACTREQUEST']._serialized_end=1161
+  _globals['_READARTIFACTREQUEST']._serialized_start=1163
+  _globals['_READARTIFACTREQUEST']._serialized_end=1196
+  _globals['_DELETEARTIFACTREQUEST']._serialized_start=1198
+  _globals['_DELETEARTIFACTREQUEST']._serialized_end=1233
+  _globals['_DELETEARTIFACTRESPONSE']._serialized_start=1235
+  _globals['_DELETEARTIFACTRESPONSE']._serialized_end=1280
+  _globals['_STORAGESERVICE']._serialized_start=1458
+  _globals['_STORAGESERVICE']._serialized_end=2160
 # @@protoc_insertion_point(module_scope)
