@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Gateways scan the Hugging Face cache for models by default: in tests (and the gateways they
+# start as subprocesses) it is an empty folder of their own, never the user's cache.
+_HF_CACHE = tempfile.mkdtemp(prefix="pluggably-test-hf-cache-")
+os.environ["HF_HUB_CACHE"] = _HF_CACHE
+os.environ["HF_HUB_DISABLE_XET"] = "1"
 
 
 @pytest.fixture(scope="session")
@@ -27,10 +35,12 @@ def config_for():
     def build(models: list[dict] | None = None, **sections) -> Config:
         # Auth and the metrics port are off unless a test turns them on: tests of auth and
         # metrics do, the rest test other things and must not collide on the metrics port.
+        # Each gateway gets a registry of its own.
         data = {
             "server": {"host": "127.0.0.1", "port": 0, "grace_period_s": 2},
             "auth": {"enabled": False},
             "metrics": {"enabled": False},
+            "storage": {"root": tempfile.mkdtemp(prefix="pluggably-test-storage-")},
             **sections,
         }
         data["local"] = {"models": models or []}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import tempfile
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -73,7 +74,8 @@ class ProviderStack:
         for standin in self.standins.values():
             standin.reset()
         for backend in self.server.backends:
-            backend._breakers.clear()
+            if hasattr(backend, "_breakers"):  # provider adapters; not the local backend
+                backend._breakers.clear()
 
 
 def provider_config(standins: dict[str, StandIn], **overrides: Any) -> dict[str, Any]:
@@ -116,6 +118,7 @@ async def provider_stack(**config: Any) -> AsyncIterator[ProviderStack]:
             "auth": {"enabled": False},
             "metrics": {"enabled": False},
             "providers": providers,
+            "storage": {"root": tempfile.mkdtemp(prefix="pluggably-test-storage-")},
             **config,
         }
         server = GatewayServer(Config.model_validate(data))

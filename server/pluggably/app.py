@@ -14,10 +14,10 @@ from pluggably.config import Config
 from pluggably.core import plugins
 from pluggably.core.backend import Backend
 from pluggably.generation.router import Router
-from pluggably.runners import LOCAL_PROVIDER
 from pluggably.security.hooks import AnonymousHook, AuthHook, RateLimitHook, StreamCapHook
 
 if TYPE_CHECKING:
+    from pluggably.catalog.manager import ModelManager
     from pluggably.security.keys import KeyStore
     from pluggably.security.ratelimit import RateLimiter
 
@@ -25,14 +25,29 @@ log = logging.getLogger(__name__)
 
 
 def build_backends(config: Config) -> list[Backend]:
-    """One backend per configured provider (and one for `local:` when it lists models)."""
+    """One backend per configured provider, and the `local` one over the config's local models
+    and the model registry (downloads, models found on disk)."""
+    from pluggably.catalog.registry import ModelRegistry
+    from pluggably.runners import build_local_backend
+
     kinds = plugins.kinds()
-    backends: list[Backend] = []
-    if config.local.models:
-        backends.append(kinds[LOCAL_PROVIDER].factory(LOCAL_PROVIDER, config.local))
+    registry = ModelRegistry(config.storage.root / "registry.db")
+    backends: list[Backend] = [build_local_backend(config.local, registry)]
     for name, section in config.providers.items():
         backends.append(kinds[section.kind].factory(name, section))
     return backends
+
+
+def build_model_manager(config: Config, backends: Sequence[Backend]) -> ModelManager | None:
+    """Pin, delete and rescan over the `local` backend's registry; None when there is none (a
+    server built with backends of a test's own)."""
+    from pluggably.catalog.manager import ModelManager
+    from pluggably.runners.local import LocalBackend
+
+    local = next((b for b in backends if isinstance(b, LocalBackend)), None)
+    if local is None or local.registry is None:
+        return None
+    return ModelManager(local.registry, local, config.storage)
 
 
 def build_router(config: Config, backends: Sequence[Backend]) -> Router:

@@ -29,6 +29,7 @@ import pluggably.runners
 from pluggably.core import plugins
 from pluggably.core.configmodel import StrictModel
 from pluggably.runners.config import LocalConfig
+from pluggably.storage.budget import StorageLimitsConfig
 
 ENV_PREFIX = "PLUGGABLY_"
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
@@ -176,6 +177,43 @@ class TracingConfig(StrictModel):
     sample_ratio: float = Field(1.0, ge=0, le=1)
 
 
+def default_hf_cache() -> Path:
+    """The Hugging Face cache other tools use, as huggingface_hub finds it (HF_HUB_CACHE, then
+    HF_HOME/hub, then ~/.cache/huggingface/hub), without importing huggingface_hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface"
+    )
+    return Path(home).expanduser() / "hub"
+
+
+class StorageConfig(StrictModel):
+    """Local models and generated files on disk: where they live, and how they are found."""
+
+    # The registry of local models (registry.db), the artifact store and temporary files.
+    root: Path = Path("var/storage")
+    # The Hugging Face cache: downloads go there (shared with the user's other tools, no second
+    # copy) and it is scanned for models. Default: where huggingface_hub puts it.
+    hf_cache: Path = Field(default_factory=default_hf_cache)
+    # Download into this folder instead (`<folder>/<repo id>`), outside the Hugging Face cache.
+    downloads_dir: Path | None = None
+    # Folders scanned for models (transformers folders, diffusers pipelines, GGUF and
+    # safetensors files). The gateway may delete what it finds there.
+    model_folders: list[Path] = Field(default_factory=list)
+    # Whether the Hugging Face cache is scanned for models (what other tools downloaded).
+    scan_hf_cache: bool = True
+    # Seconds between scans of the folders and the cache; 0: only at start and on request.
+    rescan_interval_s: float = Field(300.0, ge=0, allow_inf_nan=False)
+    # Whether DeleteModel may remove files the gateway did not download and that are outside
+    # `model_folders` (for example models another tool put in the Hugging Face cache).
+    delete_unowned: bool = False
+    # Disk limits per category and in all, space always left free, and eviction of idle models.
+    limits: StorageLimitsConfig = Field(default_factory=StorageLimitsConfig)
+    # How long generated files are kept (seconds); None: until pruned or deleted.
+    artifact_ttl_s: float | None = Field(7 * 24 * 3600.0, gt=0, allow_inf_nan=False)
+
+
 class RoutingConfig(StrictModel):
     # model id or alias -> models tried in order when it fails before producing output. A
     # request's own `fallback_models` replace these.
@@ -223,6 +261,7 @@ class Config(StrictModel):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
     local: LocalConfig = Field(default_factory=LocalConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     # provider name -> its section; the name is the `provider` part of its model ids.
     providers: _provider_sections() = Field(default_factory=dict)  # type: ignore[valid-type]
     routing: RoutingConfig = Field(default_factory=RoutingConfig)

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -23,6 +25,7 @@ from pluggably.app import (
     Operations,
     StartupError,
     build_backends,
+    build_model_manager,
     build_router,
     close_backends,
     start_backends,
@@ -45,6 +48,9 @@ from pluggably.v1 import (
     stream_service_pb2,
     stream_service_pb2_grpc,
 )
+
+if TYPE_CHECKING:
+    from pluggably.storage.manager import StorageManager
 
 log = logging.getLogger("pluggably.server")
 
@@ -72,6 +78,10 @@ class GatewayServer:
         self.backends = list(build_backends(config) if backends is None else backends)
         self.router = build_router(config, self.backends)
         self.dataplane = Dataplane(self.router, config.limits)
+        self.models = build_model_manager(config, self.backends)
+        # Disk budget and artifact store: opened by start(), closed by stop().
+        self.storage: StorageManager | None = None
+        self._rescans: asyncio.Task[None] | None = None
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         # Keys, limits, metrics and tracing: set up by start(), closed by stop().
@@ -80,13 +90,23 @@ class GatewayServer:
         self._stopped = asyncio.Event()
 
     async def start(self) -> int:
+        from pluggably.storage.manager import StorageManager
+
         config = self.config
         self.operations = ops = await start_operations(config)
         try:
-            return await self._start_grpc(ops)
+            self.storage = await StorageManager.open(config.storage, self.models)
+            port = await self._start_grpc(ops)
+            if self.models is not None:
+                # In the background: a large Hugging Face cache must not delay serving.
+                self._rescans = asyncio.create_task(self.models.run_rescans())
+            return port
         except BaseException:
             await ops.aclose()
             self.operations = None
+            if self.storage is not None:
+                await self.storage.aclose()
+                self.storage = None
             raise
 
     async def _start_grpc(self, ops: Operations) -> int:
@@ -132,9 +152,11 @@ class GatewayServer:
             StreamServicer(self.dataplane, log_prompts=config.logging.log_prompts), server
         )
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(
-            ModelServicer(self.router), server
+            ModelServicer(self.router, self.models), server
         )
-        storage_service_pb2_grpc.add_StorageServiceServicer_to_server(StorageServicer(), server)
+        storage_service_pb2_grpc.add_StorageServiceServicer_to_server(
+            StorageServicer(self.storage), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -176,8 +198,14 @@ class GatewayServer:
         log.info("shutting down: NOT_SERVING, %.1fs grace for in-flight RPCs", grace)
         stopping = asyncio.ensure_future(self._server.stop(grace + _FLUSH_S))
         await asyncio.wait([stopping], timeout=grace)
+        if self._rescans is not None:
+            self._rescans.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._rescans
         await close_backends(self.backends)
         await stopping
+        if self.storage is not None:
+            await self.storage.aclose()
         if self.operations is not None:
             await self.operations.aclose()
         self._stopped.set()

@@ -9,7 +9,14 @@ from google.protobuf import json_format, struct_pb2
 
 from pluggably.core.errors import FieldViolation
 from pluggably.core.params import ParameterSpec, ParamType
-from pluggably.core.types import CircuitState, Modality, ModelInfo, ModelState
+from pluggably.core.types import (
+    CircuitState,
+    Modality,
+    ModelFormat,
+    ModelInfo,
+    ModelSource,
+    ModelState,
+)
 from pluggably.v1 import model_pb2
 
 _MODALITY_TO_PB = {
@@ -29,6 +36,21 @@ _STATE_TO_PB = {
     ModelState.NOT_DOWNLOADED: model_pb2.MODEL_STATE_NOT_DOWNLOADED,
     ModelState.ERROR: model_pb2.MODEL_STATE_ERROR,
     ModelState.UNAVAILABLE: model_pb2.MODEL_STATE_UNAVAILABLE,
+    ModelState.DELETING: model_pb2.MODEL_STATE_DELETING,
+    ModelState.UNSERVABLE: model_pb2.MODEL_STATE_UNSERVABLE,
+}
+STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
+_FORMAT_TO_PB = {
+    None: model_pb2.MODEL_FORMAT_UNSPECIFIED,
+    ModelFormat.TRANSFORMERS: model_pb2.MODEL_FORMAT_TRANSFORMERS,
+    ModelFormat.DIFFUSERS: model_pb2.MODEL_FORMAT_DIFFUSERS,
+    ModelFormat.GGUF: model_pb2.MODEL_FORMAT_GGUF,
+    ModelFormat.SAFETENSORS: model_pb2.MODEL_FORMAT_SAFETENSORS,
+}
+_SOURCE_TO_PB = {
+    ModelSource.CONFIG: model_pb2.MODEL_SOURCE_CONFIG,
+    ModelSource.DOWNLOAD: model_pb2.MODEL_SOURCE_DOWNLOAD,
+    ModelSource.DISCOVERY: model_pb2.MODEL_SOURCE_DISCOVERY,
 }
 _CIRCUIT_TO_PB = {
     None: model_pb2.CIRCUIT_STATE_UNSPECIFIED,
@@ -73,7 +95,7 @@ def _count(value: int, limit: int = _INT32_MAX) -> int:
 
 def model_to_pb(info: ModelInfo) -> model_pb2.Model:
     caps = info.capabilities
-    return model_pb2.Model(
+    model = model_pb2.Model(
         id=info.id,
         provider=info.provider,
         name=info.name,
@@ -95,6 +117,20 @@ def model_to_pb(info: ModelInfo) -> model_pb2.Model:
         state_reason=info.state_reason,
         circuit_state=_CIRCUIT_TO_PB[info.circuit],
     )
+    local = info.local
+    if local is not None:
+        model.format = _FORMAT_TO_PB[local.format]
+        model.source = _SOURCE_TO_PB[local.source]
+        model.source_repo = local.source_repo
+        model.source_revision = local.source_revision
+        model.resolved_revision = local.resolved_revision
+        model.local_path = local.path
+        model.pinned = local.pinned
+        if local.created_at is not None:
+            model.create_time.FromNanoseconds(int(local.created_at * 1e9))
+        if local.last_used_at is not None:
+            model.last_use_time.FromNanoseconds(int(local.last_used_at * 1e9))
+    return model
 
 
 def parameter_to_pb(spec: ParameterSpec) -> model_pb2.ParameterSpec:

@@ -2,25 +2,40 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pluggably.api.pagination import check_page_size, decode_page_token, encode_page_token
 from pluggably.api.unimplemented import not_yet
 from pluggably.catalog.convert import (
     MODALITY_FROM_PB,
+    STATE_FROM_PB,
     check_model_id,
     model_to_pb,
     parameter_to_pb,
 )
 from pluggably.core.context import current_principal
-from pluggably.core.errors import FieldViolation, InvalidArgument, PermissionDenied
+from pluggably.core.errors import FieldViolation, InvalidArgument, PermissionDenied, Unimplemented
+from pluggably.core.types import ModelInfo
 from pluggably.generation.router import Router
 from pluggably.v1 import model_pb2, model_service_pb2, model_service_pb2_grpc
 
+if TYPE_CHECKING:
+    from pluggably.catalog.manager import ModelManager
+
+
+# Longest `ListModelsRequest.query`: a search text, not a document.
+MAX_QUERY_CHARS = 256
+
 
 class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
-    def __init__(self, router: Router) -> None:
+    def __init__(self, router: Router, manager: ModelManager | None = None) -> None:
         self._router = router
+        self._manager = manager
+
+    def _models(self) -> ModelManager:
+        if self._manager is None:
+            raise Unimplemented("this server manages no local models")
+        return self._manager
 
     async def ListModels(
         self, request: model_service_pb2.ListModelsRequest, context: Any
@@ -29,7 +44,14 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         size = check_page_size(request.page_size, violations)
         if request.modality and request.modality not in MODALITY_FROM_PB:
             violations.append(FieldViolation("modality", f"unknown modality {request.modality}"))
-        filter_key = f"{request.provider}|{request.modality}"
+        if request.state and request.state not in STATE_FROM_PB:
+            violations.append(FieldViolation("state", f"unknown state {request.state}"))
+        if len(request.query) > MAX_QUERY_CHARS:
+            violations.append(FieldViolation("query", f"at most {MAX_QUERY_CHARS} characters"))
+        elif not request.query.isprintable():
+            violations.append(FieldViolation("query", "must be printable"))
+        # Filters are part of the token: a token used with other filters is refused.
+        filter_key = f"{request.provider}|{request.modality}|{request.state}|{request.query}"
         after = ""
         if request.page_token:
             after = decode_page_token(request.page_token, filter_key, violations, "ListModels")
@@ -37,6 +59,8 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
             raise InvalidArgument(violations)
 
         modality = MODALITY_FROM_PB.get(request.modality)
+        state = STATE_FROM_PB.get(request.state)
+        query = request.query.casefold()
         principal = current_principal()
         models = [
             m
@@ -44,6 +68,8 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
             if (principal is None or principal.may_use(m.id))
             and (not request.provider or m.provider == request.provider)
             and (modality is None or m.modality is modality)
+            and (state is None or m.state is state)
+            and (not query or _matches(m, query))
             and m.id > after
         ]
         page = models[:size]
@@ -74,11 +100,42 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     GetDownload = not_yet("GetDownload (model downloads)")
     WatchDownload = not_yet("WatchDownload (model downloads)", streaming=True)
     CancelDownload = not_yet("CancelDownload (model downloads)")
-    DeleteModel = not_yet("DeleteModel (local model storage)")
-    RescanModels = not_yet("RescanModels (model discovery)")
+
+    async def RescanModels(
+        self, request: model_service_pb2.RescanModelsRequest, context: Any
+    ) -> model_service_pb2.RescanModelsResponse:
+        added, removed = await self._models().rescan()
+        return model_service_pb2.RescanModelsResponse(added=added, removed=removed)
+
     ListDownloads = not_yet("ListDownloads (model downloads)")
-    PinModel = not_yet("PinModel (local model storage)")
-    UnpinModel = not_yet("UnpinModel (local model storage)")
+
+    async def DeleteModel(
+        self, request: model_service_pb2.DeleteModelRequest, context: Any
+    ) -> model_service_pb2.DeleteModelResponse:
+        _require(request.id, "id")
+        _check_allowed(request.id)
+        freed = await self._models().delete(request.id)
+        return model_service_pb2.DeleteModelResponse(freed_bytes=freed)
+
+    async def PinModel(
+        self, request: model_service_pb2.PinModelRequest, context: Any
+    ) -> model_pb2.Model:
+        _require(request.id, "id")
+        _check_allowed(request.id)
+        return model_to_pb(await self._models().set_pinned(request.id, True))
+
+    async def UnpinModel(
+        self, request: model_service_pb2.UnpinModelRequest, context: Any
+    ) -> model_pb2.Model:
+        _require(request.id, "id")
+        _check_allowed(request.id)
+        return model_to_pb(await self._models().set_pinned(request.id, False))
+
+
+def _matches(model: ModelInfo, query: str) -> bool:
+    local = model.local
+    texts = (model.id, model.description, local.source_repo if local is not None else "")
+    return any(query in text.casefold() for text in texts)
 
 
 def _require(value: str, field: str) -> None:

@@ -25,8 +25,40 @@ class ModelState(enum.Enum):
     AVAILABLE = "available"
     DOWNLOADING = "downloading"
     NOT_DOWNLOADED = "not_downloaded"
-    ERROR = "error"
+    ERROR = "error"  # failed to load, files damaged or gone, a download that failed
     UNAVAILABLE = "unavailable"
+    DELETING = "deleting"
+    UNSERVABLE = "unservable"  # files on disk that no runner here serves (format, architecture)
+
+
+class ModelFormat(enum.Enum):
+    TRANSFORMERS = "transformers"
+    DIFFUSERS = "diffusers"
+    GGUF = "gguf"
+    SAFETENSORS = "safetensors"
+
+
+class ModelSource(enum.Enum):
+    """How a local model came to be known."""
+
+    CONFIG = "config"
+    DOWNLOAD = "download"
+    DISCOVERY = "discovery"
+
+
+@dataclass(frozen=True)
+class LocalDetails:
+    """What only a local model has: where its files are and came from, and how it is kept."""
+
+    format: ModelFormat | None
+    source: ModelSource
+    path: str
+    source_repo: str = ""
+    source_revision: str = ""
+    resolved_revision: str = ""
+    pinned: bool = False
+    created_at: float | None = None  # epoch seconds
+    last_used_at: float | None = None
 
 
 class CircuitState(enum.Enum):
@@ -262,6 +294,7 @@ class ModelInfo:
     capabilities: Capabilities = field(default_factory=Capabilities)
     state_reason: str = ""
     circuit: CircuitState | None = None  # None: no circuit breaker (local models)
+    local: LocalDetails | None = None  # None: a remote model
 
     @property
     def id(self) -> str:

@@ -8,33 +8,25 @@ from pluggably.core import plugins
 from pluggably.runners.config import LocalConfig
 
 if TYPE_CHECKING:
+    from pluggably.catalog.registry import ModelRegistry
     from pluggably.core.backend import Backend
+    from pluggably.runners.local import LocalBackend
 
 LOCAL_PROVIDER = "local"
 
 
 def _build(provider: str, section: LocalConfig) -> Backend:
-    # Imported here: the runner module is cheap, but nothing local is needed without local models.
-    from pluggably.runners.transformers_text import LocalTextModel, TransformersTextBackend
+    # Imported here: cheap (torch comes with the first model used), but not needed without it.
+    from pluggably.runners.local import LocalBackend
 
-    return TransformersTextBackend(
-        [
-            LocalTextModel(
-                name=m.name,
-                path=m.path,
-                device=m.device,
-                dtype=m.dtype,
-                max_concurrency=m.max_concurrency,
-                max_queue=m.max_queue,
-                queue_timeout_s=m.queue_timeout_s,
-                default_max_tokens=m.default_max_tokens,
-                context_length=m.context_length,
-                description=m.description,
-            )
-            for m in section.models
-        ],
-        provider=provider,
-    )
+    return LocalBackend(section.models, provider=provider)
+
+
+def build_local_backend(section: LocalConfig, registry: ModelRegistry | None) -> LocalBackend:
+    """The `local` backend over the config's models and the registry's."""
+    from pluggably.runners.local import LocalBackend
+
+    return LocalBackend(section.models, registry=registry, provider=LOCAL_PROVIDER)
 
 
 LOCAL_KIND = plugins.register(

@@ -280,6 +280,49 @@ class TransformersTextBackend(Backend):
         self._closed = False
         self._used_cuda = False
 
+    # ---- models managed by the local backend (registry) -----------------------------------
+
+    def ensure_model(self, cfg: LocalTextModel) -> None:
+        """Serves `cfg` under its name from now on. A model already there with other settings
+        is replaced when idle; while it serves requests the old settings stay until it is."""
+        slot = self._slots.get(cfg.name)
+        if slot is not None and (slot.cfg == cfg or self.in_use(cfg.name)):
+            return
+        self._slots[cfg.name] = _Slot(cfg, self.provider)
+        self._report_loaded()
+
+    def drop_model(self, name: str) -> bool:
+        """Stops serving `name` and frees its weights; False (and nothing changes) while it
+        serves or waits for requests."""
+        if name not in self._slots:
+            return True
+        if self.in_use(name):
+            return False
+        del self._slots[name]
+        self._report_loaded()
+        return True
+
+    def served_names(self) -> list[str]:
+        return list(self._slots)
+
+    def in_use(self, name: str) -> bool:
+        """Whether `name` is generating, loading, or has requests waiting."""
+        slot = self._slots.get(name)
+        if slot is None:
+            return False
+        loading = slot.load_task is not None and not slot.load_task.done()
+        busy = slot.admission.running > 0 or slot.admission.waiting > 0
+        return loading or busy or any(job.slot is slot for job in self._jobs)
+
+    def describe(self, name: str) -> ModelInfo | None:
+        """What this runner knows of `name` (loaded, context, load failure); None if unknown."""
+        slot = self._slots.get(name)
+        if slot is None:
+            return None
+        if slot.files is None:
+            self._read_files(slot)
+        return self._describe(slot)
+
     # ---- catalogue -----------------------------------------------------------------------
 
     async def list_models(self) -> list[ModelInfo]:

@@ -1,0 +1,305 @@
+"""The `local` backend: every model Pluggably runs itself, dispatched to a runner by its format.
+
+Models come from two places, shown side by side: the config file (`local.models`, read at start,
+never written anywhere) and the registry (`catalog/registry.py`: downloads and models found on
+disk). A config entry wins over a registry row of the same name. Config models are the
+operator's own files: never evicted, never deleted through the API.
+
+The backend asks the registry on every call, so a download that finished or a rescan that found
+a model serves without a restart. A model whose format no runner here serves is listed as
+UNSERVABLE with the reason; asking it to generate is FAILED_PRECONDITION with that reason.
+Today the runner is `transformers` for text; image and 3D runners plug in by format (issue 8).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pluggably.core.backend import Backend
+from pluggably.core.errors import FailedPrecondition, ModelNotFound, Unavailable
+from pluggably.core.params import ProviderOptionsPolicy
+from pluggably.core.types import (
+    Chunk,
+    GenerationRequest,
+    LocalDetails,
+    Modality,
+    ModelFormat,
+    ModelInfo,
+    ModelSource,
+    ModelState,
+)
+from pluggably.runners.transformers_text import LocalTextModel, TransformersTextBackend
+
+if TYPE_CHECKING:
+    from pluggably.catalog.registry import ModelRecord, ModelRegistry
+    from pluggably.core.params import ParameterSpec
+    from pluggably.runners.config import LocalModelConfig
+
+log = logging.getLogger(__name__)
+
+# Settings of a config entry that the text runner takes.
+_TEXT_SETTINGS = (
+    "device",
+    "dtype",
+    "max_concurrency",
+    "max_queue",
+    "queue_timeout_s",
+    "default_max_tokens",
+    "context_length",
+    "description",
+)
+# Why a model in a state other than AVAILABLE cannot generate: (error class, reason).
+_NOT_READY = {
+    ModelState.DOWNLOADING: (Unavailable, "MODEL_DOWNLOADING"),
+    ModelState.DELETING: (Unavailable, "MODEL_DELETING"),
+    ModelState.ERROR: (Unavailable, "MODEL_ERROR"),
+    ModelState.NOT_DOWNLOADED: (Unavailable, "MODEL_NOT_DOWNLOADED"),
+    ModelState.UNSERVABLE: (FailedPrecondition, "MODEL_UNSERVABLE"),
+    ModelState.UNAVAILABLE: (Unavailable, "MODEL_UNAVAILABLE"),
+}
+
+
+class LocalBackend(Backend):
+    """Serves config models and registry models (see the module docstring)."""
+
+    def __init__(
+        self,
+        config_models: Sequence[LocalModelConfig] = (),
+        *,
+        registry: ModelRegistry | None = None,
+        provider: str = "local",
+    ) -> None:
+        self.provider = provider
+        self.registry = registry
+        self._configured = {m.name: _config_entry(m) for m in config_models}
+        self.text = TransformersTextBackend([], provider=provider)
+
+    # ---- catalogue -------------------------------------------------------------------------
+
+    def entries(self) -> list[ModelEntry]:
+        """Every local model: config entries, then registry rows not shadowed by one."""
+        rows = self.registry.all() if self.registry is not None else []
+        entries = list(self._configured.values())
+        entries += [ModelEntry.of(r) for r in rows if r.name not in self._configured]
+        return sorted(entries, key=lambda e: e.name)
+
+    def entry(self, name: str) -> ModelEntry | None:
+        configured = self._configured.get(name)
+        if configured is not None:
+            return configured
+        record = self.registry.get(name) if self.registry is not None else None
+        return ModelEntry.of(record) if record is not None else None
+
+    async def list_models(self) -> list[ModelInfo]:
+        entries = self.entries()
+        served = {e.name for e in entries if self._text_model(e) is not None}
+        for entry in entries:
+            text_model = self._text_model(entry)
+            if text_model is not None:
+                self.text.ensure_model(text_model)
+        # Runner models the registry no longer has (deleted, vanished): freed when idle.
+        for name in [n for n in self.text.served_names() if n not in served]:
+            self.text.drop_model(name)
+        described = {m.name: m for m in await self.text.list_models()}
+        return [self._describe(e, described.get(e.name)) for e in entries]
+
+    async def get_model(self, name: str) -> ModelInfo | None:
+        entry = self.entry(name)
+        if entry is None:
+            return None
+        text_model = self._text_model(entry)
+        runner_info = None
+        if text_model is not None:
+            self.text.ensure_model(text_model)
+            runner_info = await asyncio.to_thread(self.text.describe, name)
+        return self._describe(entry, runner_info)
+
+    def _describe(self, entry: ModelEntry, runner_info: ModelInfo | None) -> ModelInfo:
+        info = ModelInfo(
+            provider=self.provider,
+            name=entry.name,
+            modality=entry.modality,
+            state=entry.state,
+            state_reason=entry.state_reason,
+            description=entry.description,
+            context_length=entry.context_length,
+            size_bytes=entry.size_bytes,
+            local=entry.details,
+        )
+        if runner_info is not None:
+            info = replace(
+                info,
+                state=runner_info.state,
+                state_reason=runner_info.state_reason or info.state_reason,
+                context_length=runner_info.context_length or info.context_length,
+                size_bytes=runner_info.size_bytes or info.size_bytes,
+                loaded=runner_info.loaded,
+                capabilities=runner_info.capabilities,
+            )
+            if runner_info.state is ModelState.ERROR and not info.state_reason:
+                info = replace(info, state_reason=f"no loadable model in {entry.details.path}")
+        return info
+
+    def _text_model(self, entry: ModelEntry) -> LocalTextModel | None:
+        """The text runner's view of `entry`, or None when the text runner does not serve it."""
+        if (
+            entry.state is not ModelState.AVAILABLE
+            or entry.format is not ModelFormat.TRANSFORMERS
+            or entry.modality is not Modality.TEXT
+        ):
+            return None
+        settings: dict[str, Any] = {k: v for k, v in entry.settings.items() if k in _TEXT_SETTINGS}
+        try:
+            return LocalTextModel(name=entry.name, path=Path(entry.details.path), **settings)
+        except (TypeError, ValueError):
+            log.warning("local model %s has invalid settings %r", entry.name, settings)
+            return None
+
+    # ---- what requests may carry --------------------------------------------------------------
+
+    def parameters(self, model: ModelInfo) -> list[ParameterSpec]:
+        return self.text.parameters(model)
+
+    def provider_options(self, model: ModelInfo) -> ProviderOptionsPolicy:
+        return self.text.provider_options(model)
+
+    # ---- generation ----------------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
+        entry = self.entry(request.model)
+        if entry is None:
+            raise ModelNotFound(f"{self.provider}/{request.model}")
+        model_id = f"{self.provider}/{entry.name}"
+        if entry.state is not ModelState.AVAILABLE:
+            error, reason = _NOT_READY[entry.state]
+            raise error(
+                f"model {model_id} cannot serve now ({entry.state.value})"
+                + (f": {entry.state_reason}" if entry.state_reason else ""),
+                reason=reason,
+            )
+        text_model = self._text_model(entry)
+        if text_model is None:
+            raise FailedPrecondition(
+                f"model {model_id} ({entry.format.value if entry.format else 'unknown format'}, "
+                f"{entry.modality.value}) has no runner in this server",
+                reason="MODEL_UNSERVABLE",
+            )
+        self.text.ensure_model(text_model)
+        if self.registry is not None and entry.details.source is not ModelSource.CONFIG:
+            self.registry.touch(entry.name)
+        async for chunk in self.text.generate(request):
+            yield chunk
+
+    # ---- what the model manager needs ----------------------------------------------------------
+
+    def in_use(self, name: str) -> bool:
+        return self.text.in_use(name)
+
+    def release(self, name: str) -> bool:
+        """Frees the runner's hold on `name` (weights, slot); False while it serves."""
+        return self.text.drop_model(name)
+
+    def is_configured(self, name: str) -> bool:
+        return name in self._configured
+
+    def tokens_generated(self) -> int:
+        """Tokens local runners produced so far (finished and running generations)."""
+        return self.text.tokens_generated()
+
+    def active_generations(self) -> int:
+        return self.text.active_generations()
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    async def health(self) -> bool:
+        return await self.text.health()
+
+    async def aclose(self) -> None:
+        await self.text.aclose()
+        if self.registry is not None:
+            self.registry.close()
+
+
+class ModelEntry:
+    """One local model as the backend sees it: a config entry or a registry row."""
+
+    __slots__ = (
+        "context_length",
+        "description",
+        "details",
+        "format",
+        "modality",
+        "name",
+        "settings",
+        "size_bytes",
+        "state",
+        "state_reason",
+    )
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        modality: Modality,
+        state: ModelState,
+        state_reason: str,
+        format: ModelFormat | None,
+        details: LocalDetails,
+        settings: dict[str, Any],
+        size_bytes: int = 0,
+        description: str = "",
+        context_length: int = 0,
+    ) -> None:
+        self.name = name
+        self.modality = modality
+        self.state = state
+        self.state_reason = state_reason
+        self.format = format
+        self.details = details
+        self.settings = settings
+        self.size_bytes = size_bytes
+        self.description = description
+        self.context_length = context_length
+
+    @classmethod
+    def of(cls, record: ModelRecord) -> ModelEntry:
+        return cls(
+            name=record.name,
+            modality=record.modality,
+            state=record.state,
+            state_reason=record.state_reason,
+            format=record.format,
+            details=record.details(),
+            settings=dict(record.settings),
+            size_bytes=record.size_bytes,
+            description=record.description,
+            context_length=record.context_length,
+        )
+
+
+def _config_entry(cfg: LocalModelConfig) -> ModelEntry:
+    # A config model is a transformers folder (the only kind `local.models` takes today); the
+    # text runner reports it as ERROR with the reason if the folder holds no loadable model.
+    settings = cfg.model_dump(exclude={"name", "path", "modality"})
+    return ModelEntry(
+        name=cfg.name,
+        modality=Modality.TEXT,
+        state=ModelState.AVAILABLE,
+        state_reason="",
+        format=ModelFormat.TRANSFORMERS,
+        # Never evicted nor deleted through the API: the operator's own files.
+        details=LocalDetails(
+            format=ModelFormat.TRANSFORMERS,
+            source=ModelSource.CONFIG,
+            path=str(cfg.path),
+            pinned=True,
+        ),
+        settings=settings,
+        description=cfg.description,
+        context_length=cfg.context_length or 0,
+    )
