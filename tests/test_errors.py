@@ -318,7 +318,8 @@ async def test_last_fallback_error_is_reported_when_all_fail(fake) -> None:
     assert err.info.metadata["models_tried"] == "fake/echo,fake/other"
 
 
-async def test_unimplemented_rpcs_say_so(fake) -> None:
+async def test_rpcs_a_server_cannot_serve_say_why(fake) -> None:
+    """A server built over backends of its own (no local backend) has no model registry."""
     _backend, channel = fake
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await model_service_pb2_grpc.ModelServiceStub(channel).DownloadModel(
@@ -326,9 +327,7 @@ async def test_unimplemented_rpcs_say_so(fake) -> None:
         )
     err = rich_error(caught.value)
     assert err.code == grpc.StatusCode.UNIMPLEMENTED
-    assert (
-        "not implemented by this server yet" in err.message and err.info.reason == "NOT_IMPLEMENTED"
-    )
+    assert "downloads no models" in err.message and err.info.reason == "NOT_IMPLEMENTED"
 
 
 @pytest.mark.parametrize("with_options", [False, True])

@@ -188,6 +188,22 @@ def default_hf_cache() -> Path:
     return Path(home).expanduser() / "hub"
 
 
+class HubConfig(StrictModel):
+    """The Hugging Face Hub (or a mirror) that DownloadModel fetches from."""
+
+    # Default: $HF_ENDPOINT, else the public Hub.
+    endpoint: str = Field(
+        default_factory=lambda: os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    )
+    # The environment variable holding the Hub token (gated and private repos). The token is
+    # read from the environment only, never from the config file, and never logged.
+    token_env: str = "HF_TOKEN"
+    # Seconds for each metadata request (repository info, file listing).
+    timeout_s: float = Field(30.0, gt=0, allow_inf_nan=False)
+    # Downloads transferring at once; more wait in the QUEUED state.
+    max_concurrent: int = Field(2, ge=1)
+
+
 class StorageConfig(StrictModel):
     """Local models and generated files on disk: where they live, and how they are found."""
 
@@ -210,6 +226,7 @@ class StorageConfig(StrictModel):
     delete_unowned: bool = False
     # Disk limits per category and in all, space always left free, and eviction of idle models.
     limits: StorageLimitsConfig = Field(default_factory=StorageLimitsConfig)
+    hub: HubConfig = Field(default_factory=HubConfig)
     # How long generated files are kept (seconds); None: until pruned or deleted.
     artifact_ttl_s: float | None = Field(7 * 24 * 3600.0, gt=0, allow_inf_nan=False)
 

@@ -50,6 +50,7 @@ from pluggably.v1 import (
 )
 
 if TYPE_CHECKING:
+    from pluggably.catalog.downloads import DownloadManager
     from pluggably.storage.manager import StorageManager
 
 log = logging.getLogger("pluggably.server")
@@ -82,6 +83,7 @@ class GatewayServer:
         # Disk budget and artifact store: opened by start(), closed by stop().
         self.storage: StorageManager | None = None
         self._rescans: asyncio.Task[None] | None = None
+        self.downloads: DownloadManager | None = None
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         # Keys, limits, metrics and tracing: set up by start(), closed by stop().
@@ -96,6 +98,11 @@ class GatewayServer:
         self.operations = ops = await start_operations(config)
         try:
             self.storage = await StorageManager.open(config.storage, self.models)
+            if self.models is not None:
+                from pluggably.catalog.downloads import DownloadManager
+
+                self.downloads = DownloadManager(config.storage, self.models, self.storage)
+                await self.downloads.start()
             port = await self._start_grpc(ops)
             if self.models is not None:
                 # In the background: a large Hugging Face cache must not delay serving.
@@ -152,7 +159,7 @@ class GatewayServer:
             StreamServicer(self.dataplane, log_prompts=config.logging.log_prompts), server
         )
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(
-            ModelServicer(self.router, self.models), server
+            ModelServicer(self.router, self.models, self.downloads), server
         )
         storage_service_pb2_grpc.add_StorageServiceServicer_to_server(
             StorageServicer(self.storage), server
@@ -202,6 +209,8 @@ class GatewayServer:
             self._rescans.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._rescans
+        if self.downloads is not None:
+            await self.downloads.aclose()
         await close_backends(self.backends)
         await stopping
         if self.storage is not None:

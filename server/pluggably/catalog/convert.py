@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf import json_format, struct_pb2
 
@@ -18,6 +18,9 @@ from pluggably.core.types import (
     ModelState,
 )
 from pluggably.v1 import model_pb2
+
+if TYPE_CHECKING:
+    from pluggably.catalog.downloads import DownloadJob
 
 _MODALITY_TO_PB = {
     Modality.TEXT: model_pb2.MODALITY_TEXT,
@@ -131,6 +134,43 @@ def model_to_pb(info: ModelInfo) -> model_pb2.Model:
         if local.last_used_at is not None:
             model.last_use_time.FromNanoseconds(int(local.last_used_at * 1e9))
     return model
+
+
+_DOWNLOAD_STATE_TO_PB = {
+    "queued": model_pb2.DOWNLOAD_STATE_QUEUED,
+    "running": model_pb2.DOWNLOAD_STATE_RUNNING,
+    "succeeded": model_pb2.DOWNLOAD_STATE_SUCCEEDED,
+    "failed": model_pb2.DOWNLOAD_STATE_FAILED,
+    "cancelled": model_pb2.DOWNLOAD_STATE_CANCELLED,
+}
+DOWNLOAD_STATE_FROM_PB = {v: k for k, v in _DOWNLOAD_STATE_TO_PB.items()}
+
+
+def download_to_pb(job: DownloadJob, provider: str = "local") -> model_pb2.Download:
+    out = model_pb2.Download(
+        id=job.id,
+        model=f"{provider}/{job.name}",
+        repo_id=job.repo_id,
+        revision=job.revision,
+        requested_revision=job.requested_revision,
+        state=_DOWNLOAD_STATE_TO_PB[job.state],
+        downloaded_bytes=job.downloaded_bytes,
+        total_bytes=job.total_bytes,
+        downloaded_files=job.downloaded_files,
+        total_files=job.total_files,
+        bytes_per_second=job.bytes_per_second,
+        allow_patterns=job.allow_patterns,
+        ignore_patterns=job.ignore_patterns,
+    )
+    out.create_time.FromNanoseconds(int(job.created_at * 1e9))
+    out.update_time.FromNanoseconds(int(job.updated_at * 1e9))
+    if job.eta_s is not None and math.isfinite(job.eta_s):
+        out.eta.FromNanoseconds(int(job.eta_s * 1e9))
+    if job.error is not None:
+        from pluggably.api.status import to_status
+
+        out.error.CopyFrom(to_status(job.error, ""))
+    return out
 
 
 def parameter_to_pb(spec: ParameterSpec) -> model_pb2.ParameterSpec:

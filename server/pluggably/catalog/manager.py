@@ -209,7 +209,7 @@ class ModelManager:
         path = Path(record.path)
         cache = Path(os.path.abspath(self.storage.hf_cache))
         if record.source_repo and _inside(Path(os.path.abspath(path)), cache):
-            return _delete_cache_revision(cache, record.source_repo, record.resolved_revision)
+            return delete_cache_revision(cache, record.source_repo, record.resolved_revision)
         return _remove_tree(path)
 
 
@@ -239,7 +239,7 @@ def _remove_tree(path: Path) -> int:
     return freed
 
 
-def _delete_cache_revision(cache: Path, repo_id: str, revision: str) -> int:
+def delete_cache_revision(cache: Path, repo_id: str, revision: str) -> int:
     """Deletes one snapshot from the Hugging Face cache the way huggingface_hub does: its
     blobs that no other revision uses, its snapshot folder and refs pointing at it."""
     from huggingface_hub import scan_cache_dir

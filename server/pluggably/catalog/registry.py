@@ -72,6 +72,20 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """,
         "CREATE INDEX models_by_last_use ON models (last_used_at)",
     ),
+    (
+        # Download jobs: a JSON document per job (the job's own schema, versioned with it), with
+        # the columns that lists and recovery filter on.
+        """
+        CREATE TABLE downloads (
+            id TEXT PRIMARY KEY,
+            state TEXT NOT NULL,
+            owner TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            document TEXT NOT NULL
+        )
+        """,
+        "CREATE INDEX downloads_by_created ON downloads (created_at, id)",
+    ),
 )
 
 
@@ -376,6 +390,30 @@ class ModelRegistry:
                 return False
             self._write([("DELETE FROM models WHERE name = ?", (name,))])
             return True
+
+    # -- download jobs -------------------------------------------------------------------------
+
+    def save_download(
+        self, job_id: str, state: str, owner: str, created_at: float, document: Mapping[str, Any]
+    ) -> None:
+        with self._lock:
+            self._conn.execute(
+                "INSERT OR REPLACE INTO downloads (id, state, owner, created_at, document) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (job_id, state, owner, created_at, json.dumps(dict(document), sort_keys=True)),
+            )
+
+    def downloads(self, *, states: Iterable[str] = ()) -> list[dict[str, Any]]:
+        """Saved download jobs, newest first (each the document it was saved with, plus its
+        `owner`)."""
+        wanted = list(states)
+        sql = "SELECT owner, document FROM downloads"
+        if wanted:
+            sql += f" WHERE state IN ({', '.join('?' for _ in wanted)})"
+        sql += " ORDER BY created_at DESC, id DESC"
+        with self._lock:
+            rows = self._conn.execute(sql, wanted).fetchall()
+        return [{**json.loads(document), "owner": owner} for owner, document in rows]
 
     def touch(self, name: str) -> None:
         """Records that `name` served a request (at most once a minute per model: advisory)."""

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from pluggably.api.pagination import check_page_size, decode_page_token, encode_page_token
-from pluggably.api.unimplemented import not_yet
 from pluggably.catalog.convert import (
+    DOWNLOAD_STATE_FROM_PB,
     MODALITY_FROM_PB,
     STATE_FROM_PB,
     check_model_id,
+    download_to_pb,
     model_to_pb,
     parameter_to_pb,
 )
@@ -20,6 +22,7 @@ from pluggably.generation.router import Router
 from pluggably.v1 import model_pb2, model_service_pb2, model_service_pb2_grpc
 
 if TYPE_CHECKING:
+    from pluggably.catalog.downloads import DownloadJob, DownloadManager
     from pluggably.catalog.manager import ModelManager
 
 
@@ -28,9 +31,20 @@ MAX_QUERY_CHARS = 256
 
 
 class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
-    def __init__(self, router: Router, manager: ModelManager | None = None) -> None:
+    def __init__(
+        self,
+        router: Router,
+        manager: ModelManager | None = None,
+        downloads: DownloadManager | None = None,
+    ) -> None:
         self._router = router
         self._manager = manager
+        self._downloads = downloads
+
+    def _jobs(self) -> DownloadManager:
+        if self._downloads is None:
+            raise Unimplemented("this server downloads no models")
+        return self._downloads
 
     def _models(self) -> ModelManager:
         if self._manager is None:
@@ -96,18 +110,66 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
             model=model_id, parameters=[parameter_to_pb(s) for s in specs]
         )
 
-    DownloadModel = not_yet("DownloadModel (model downloads)")
-    GetDownload = not_yet("GetDownload (model downloads)")
-    WatchDownload = not_yet("WatchDownload (model downloads)", streaming=True)
-    CancelDownload = not_yet("CancelDownload (model downloads)")
+    async def DownloadModel(
+        self, request: model_service_pb2.DownloadModelRequest, context: Any
+    ) -> model_pb2.Download:
+        name = request.name or request.repo_id
+        _check_allowed(f"local/{name}")
+        job = await self._jobs().download(
+            request.repo_id,
+            revision=request.revision,
+            name=request.name,
+            allow_patterns=list(request.allow_patterns),
+            ignore_patterns=list(request.ignore_patterns),
+            pinned=request.pinned,
+        )
+        return download_to_pb(job)
+
+    async def GetDownload(
+        self, request: model_service_pb2.GetDownloadRequest, context: Any
+    ) -> model_pb2.Download:
+        return download_to_pb(self._jobs().get(request.id))
+
+    async def WatchDownload(
+        self, request: model_service_pb2.WatchDownloadRequest, context: Any
+    ) -> AsyncIterator[model_pb2.Download]:
+        async for job in self._jobs().watch(request.id):
+            yield download_to_pb(job)
+
+    async def CancelDownload(
+        self, request: model_service_pb2.CancelDownloadRequest, context: Any
+    ) -> model_pb2.Download:
+        return download_to_pb(await self._jobs().cancel(request.id))
+
+    async def ListDownloads(
+        self, request: model_service_pb2.ListDownloadsRequest, context: Any
+    ) -> model_service_pb2.ListDownloadsResponse:
+        violations: list[FieldViolation] = []
+        size = check_page_size(request.page_size, violations)
+        if request.state and request.state not in DOWNLOAD_STATE_FROM_PB:
+            violations.append(FieldViolation("state", f"unknown state {request.state}"))
+        filter_key = f"downloads|{request.state}"
+        after = ""
+        if request.page_token:
+            after = decode_page_token(request.page_token, filter_key, violations, "ListDownloads")
+        if violations:
+            raise InvalidArgument(violations)
+        jobs = self._jobs().list(DOWNLOAD_STATE_FROM_PB.get(request.state))
+        if after:  # newest first: continue after the position (creation time, id)
+            jobs = [j for j in jobs if _position(j) < after]
+        page = jobs[:size]
+        response = model_service_pb2.ListDownloadsResponse(
+            downloads=[download_to_pb(j) for j in page]
+        )
+        if len(jobs) > size:
+            response.next_page_token = encode_page_token(_position(page[-1]), filter_key)
+        return response
 
     async def RescanModels(
         self, request: model_service_pb2.RescanModelsRequest, context: Any
     ) -> model_service_pb2.RescanModelsResponse:
         added, removed = await self._models().rescan()
         return model_service_pb2.RescanModelsResponse(added=added, removed=removed)
-
-    ListDownloads = not_yet("ListDownloads (model downloads)")
 
     async def DeleteModel(
         self, request: model_service_pb2.DeleteModelRequest, context: Any
@@ -130,6 +192,11 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         _require(request.id, "id")
         _check_allowed(request.id)
         return model_to_pb(await self._models().set_pinned(request.id, False))
+
+
+def _position(job: DownloadJob) -> str:
+    # Sorts like (created_at, id): fixed-width time, then the id.
+    return f"{job.created_at:020.6f}|{job.id}"
 
 
 def _matches(model: ModelInfo, query: str) -> bool:

@@ -1,0 +1,376 @@
+"""Model downloads through a real gateway from the stand-in Hub, with the real huggingface_hub:
+progress, joining, the Hub's errors, the budget, cancel, a dropped connection, REST/SSE through
+Envoy, and a server killed mid-download."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import grpc
+import pytest
+import yaml
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from pluggably.devtools.envoy import Envoy, free_port
+from pluggably.devtools.standins.hub import HubStandIn
+from pluggably.v1 import generation_pb2 as G
+from pluggably.v1 import (
+    model_pb2,
+    model_service_pb2,
+    model_service_pb2_grpc,
+    stream_service_pb2_grpc,
+)
+
+M = model_service_pb2
+BIG = 12 * 2**20  # over huggingface_hub's 10 MiB chunk: a dropped body resumes
+
+
+def details(error: grpc.aio.AioRpcError) -> dict[str, object]:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    out: dict[str, object] = {}
+    for detail in status.details:
+        for kind in (error_details_pb2.ErrorInfo, error_details_pb2.QuotaFailure):
+            if detail.Is(kind.DESCRIPTOR):
+                message = kind()
+                detail.Unpack(message)
+                out[kind.__name__] = message
+    return out
+
+
+@pytest.fixture
+async def hub(tiny_model_dir: Path):
+    async with HubStandIn(token="hf_granted_0123456789") as hub:
+        hub.add_folder("org/tiny", tiny_model_dir, tags=("v1",))
+        yield hub
+
+
+def gateway_config(tmp_path: Path, hub: HubStandIn, **storage: object) -> dict:
+    return {
+        "root": str(tmp_path / "storage"),
+        "hf_cache": str(tmp_path / "hf-cache"),
+        "scan_hf_cache": False,
+        "rescan_interval_s": 0,
+        "hub": {"endpoint": hub.endpoint, "timeout_s": 10},
+        "limits": {"min_free_bytes": 0},
+        **storage,
+    }
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path, hub: HubStandIn, config_for):
+    from pluggably.server import GatewayServer
+
+    server = GatewayServer(config_for([], storage=gateway_config(tmp_path, hub)))
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    try:
+        yield server, model_service_pb2_grpc.ModelServiceStub(channel), channel
+    finally:
+        await channel.close()
+        await server.stop(grace=0)
+
+
+async def finished(stub, job_id: str) -> list[model_pb2.Download]:
+    return [d async for d in stub.WatchDownload(M.WatchDownloadRequest(id=job_id))]
+
+
+def incomplete_files(cache: Path) -> list[Path]:
+    return list(cache.rglob("*.incomplete"))
+
+
+async def test_a_pull_streams_progress_and_registers_a_model_that_generates(
+    gateway, hub, tiny_model_dir: Path
+) -> None:
+    server, stub, channel = gateway
+    job = await stub.DownloadModel(M.DownloadModelRequest(repo_id="org/tiny"))
+    files = await asyncio.to_thread(
+        lambda: sorted(p for p in tiny_model_dir.rglob("*") if p.is_file())
+    )
+    assert job.model == "local/org/tiny" and job.repo_id == "org/tiny"
+    assert job.requested_revision == "main" and len(job.revision) == 40
+    assert job.total_files == len(files)
+    assert job.total_bytes == sum(p.stat().st_size for p in files)
+    assert job.state in (model_pb2.DOWNLOAD_STATE_QUEUED, model_pb2.DOWNLOAD_STATE_RUNNING)
+    updates = await finished(stub, job.id)
+    assert updates[-1].state == model_pb2.DOWNLOAD_STATE_SUCCEEDED
+    assert updates[-1].downloaded_bytes == job.total_bytes
+    assert updates[-1].downloaded_files == job.total_files
+    done = [u.downloaded_bytes for u in updates]
+    assert done == sorted(done)  # progress never goes back
+    model = await stub.GetModel(M.GetModelRequest(id="local/org/tiny"))
+    assert model.state == model_pb2.MODEL_STATE_AVAILABLE
+    assert model.source == model_pb2.MODEL_SOURCE_DOWNLOAD
+    assert model.format == model_pb2.MODEL_FORMAT_TRANSFORMERS
+    assert (model.source_repo, model.resolved_revision) == ("org/tiny", job.revision)
+    # The standard cache layout, shared with other tools: snapshot, blobs, refs/main.
+    repo = Path(server.config.storage.hf_cache) / "models--org--tiny"
+    assert (repo / "refs" / "main").read_text() == job.revision
+    assert model.local_path == str(repo / "snapshots" / job.revision)
+    assert incomplete_files(repo) == []
+    stream = stream_service_pb2_grpc.StreamServiceStub(channel)
+    request = G.GenerateRequest(
+        model="local/org/tiny",
+        messages=[G.ChatMessage(role="user", content="hi")],
+        text=G.TextOptions(max_tokens=3, temperature=0),
+    )
+    chunks = [c async for c in stream.StreamGenerate(request)]
+    assert chunks[-1].done.usage.completion_tokens == 3
+    # Listed, and still there for Get after it ended.
+    listed = await stub.ListDownloads(M.ListDownloadsRequest())
+    assert [d.id for d in listed.downloads] == [job.id]
+    assert (await stub.GetDownload(M.GetDownloadRequest(id=job.id))).state == (
+        model_pb2.DOWNLOAD_STATE_SUCCEEDED
+    )
+
+
+async def test_the_same_pull_twice_joins_one_job(gateway, hub) -> None:
+    _, stub, _ = gateway
+    hub.throttle(2_000_000)
+    first, second = await asyncio.gather(
+        stub.DownloadModel(M.DownloadModelRequest(repo_id="org/tiny", revision="v1")),
+        stub.DownloadModel(M.DownloadModelRequest(repo_id="org/tiny", revision="v1")),
+    )
+    assert first.id == second.id
+    hub.throttle(None)
+    await finished(stub, first.id)
+    gets = [r for r in hub.requests if r.method == "GET" and "/resolve/" in r.path]
+    assert len(gets) == len({r.path for r in gets}) == first.total_files
+
+
+async def test_patterns_select_files(gateway) -> None:
+    _, stub, _ = gateway
+    job = await stub.DownloadModel(
+        M.DownloadModelRequest(
+            repo_id="org/tiny",
+            name="tiny-config",
+            allow_patterns=["*.json"],
+            ignore_patterns=["tokenizer*"],
+        )
+    )
+    updates = await finished(stub, job.id)
+    assert updates[-1].state == model_pb2.DOWNLOAD_STATE_SUCCEEDED
+    assert list(job.allow_patterns) == ["*.json"] and list(job.ignore_patterns) == ["tokenizer*"]
+    model = await stub.GetModel(M.GetModelRequest(id="local/tiny-config"))
+    names = await asyncio.to_thread(
+        lambda: sorted(p.name for p in Path(model.local_path).iterdir())
+    )
+    assert names and all(n.endswith(".json") and not n.startswith("tokenizer") for n in names)
+    # Weights were left out: found, but not servable, with the reason.
+    assert model.state == model_pb2.MODEL_STATE_UNSERVABLE and model.state_reason
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "code", "reason"),
+    [
+        ({"repo_id": "org/nope"}, grpc.StatusCode.NOT_FOUND, "REPO_NOT_FOUND"),
+        (
+            {"repo_id": "org/tiny", "revision": "v9"},
+            grpc.StatusCode.NOT_FOUND,
+            "REVISION_NOT_FOUND",
+        ),
+        ({"repo_id": "org/gated"}, grpc.StatusCode.PERMISSION_DENIED, "REPO_GATED"),
+        ({"repo_id": ""}, grpc.StatusCode.INVALID_ARGUMENT, None),
+        ({"repo_id": "../etc"}, grpc.StatusCode.INVALID_ARGUMENT, None),
+        ({"repo_id": "a/b/c"}, grpc.StatusCode.INVALID_ARGUMENT, None),
+        ({"repo_id": "org/tiny", "name": "../x"}, grpc.StatusCode.INVALID_ARGUMENT, None),
+        ({"repo_id": "org/tiny", "revision": "a b"}, grpc.StatusCode.INVALID_ARGUMENT, None),
+        (
+            {"repo_id": "org/tiny", "allow_patterns": ["../*"]},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            None,
+        ),
+        (
+            {"repo_id": "org/tiny", "allow_patterns": ["nothing-*"]},
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "NO_FILES_MATCH",
+        ),
+    ],
+)
+async def test_refusals_are_clear_and_leave_nothing(
+    gateway, hub, request_fields: dict, code: grpc.StatusCode, reason: str | None
+) -> None:
+    _, stub, _ = gateway
+    hub.add_repo("org/gated", {"config.json": b"{}"}, gated=True)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.DownloadModel(M.DownloadModelRequest(**request_fields))
+    assert caught.value.code() == code
+    if reason is not None:
+        assert details(caught.value)["ErrorInfo"].reason == reason  # type: ignore[attr-defined]
+    listed = await stub.ListModels(M.ListModelsRequest(provider="local"))
+    assert list(listed.models) == []
+    assert "hf_granted" not in (caught.value.details() or "")
+
+
+async def test_a_download_that_cannot_fit_is_refused_before_any_byte(
+    tmp_path: Path, hub, config_for
+) -> None:
+    from pluggably.server import GatewayServer
+
+    storage = gateway_config(tmp_path, hub, limits={"models_bytes": 1000, "min_free_bytes": 0})
+    server = GatewayServer(config_for([], storage=storage))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = model_service_pb2_grpc.ModelServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.DownloadModel(M.DownloadModelRequest(repo_id="org/tiny"))
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        quota = details(caught.value)["QuotaFailure"]
+        assert quota.violations[0].subject == "storage.limits.models_bytes"  # type: ignore[attr-defined]
+        assert not [r for r in hub.requests if "/resolve/" in r.path and r.method == "GET"]
+    finally:
+        await server.stop(grace=0)
+
+
+async def test_cancel_stops_at_once_and_removes_the_partial_files(gateway, hub) -> None:
+    server, stub, _ = gateway
+    hub.add_repo("org/big", {"config.json": b"{}", "model.safetensors": os.urandom(BIG)})
+    hub.throttle(1_000_000)
+    job = await stub.DownloadModel(M.DownloadModelRequest(repo_id="org/big"))
+    for _ in range(200):
+        current = await stub.GetDownload(M.GetDownloadRequest(id=job.id))
+        if current.bytes_per_second > 0:
+            break
+        await asyncio.sleep(0.05)
+    # Rate and ETA once there is half a second of progress to measure.
+    assert current.downloaded_bytes > 0 and current.HasField("eta")
+    assert 200_000 < current.bytes_per_second < 2_000_000  # the throttle is 1 MB/s
+    cancelled = await stub.CancelDownload(M.CancelDownloadRequest(id=job.id))
+    assert cancelled.state == model_pb2.DOWNLOAD_STATE_CANCELLED
+    assert cancelled.downloaded_bytes < BIG
+    served = hub.bytes_served
+    await asyncio.sleep(0.5)
+    assert hub.bytes_served - served < 200_000  # the transfer stopped, not just the job
+    repo = Path(server.config.storage.hf_cache) / "models--org--big"
+    assert incomplete_files(repo) == []
+    assert not (repo / "snapshots" / job.revision).exists()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.GetModel(M.GetModelRequest(id="local/org/big"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    # Cancelling again changes nothing.
+    again = await stub.CancelDownload(M.CancelDownloadRequest(id=job.id))
+    assert again.state == model_pb2.DOWNLOAD_STATE_CANCELLED
+
+
+async def test_a_dropped_connection_resumes(gateway, hub) -> None:
+    _, stub, _ = gateway
+    weights = os.urandom(BIG)
+    hub.add_repo("org/big", {"config.json": b"{}", "model.safetensors": weights})
+    hub.drop_after("model.safetensors", 11 * 2**20)
+    job = await stub.DownloadModel(M.DownloadModelRequest(repo_id="org/big"))
+    updates = await finished(stub, job.id)
+    assert updates[-1].state == model_pb2.DOWNLOAD_STATE_SUCCEEDED
+    assert [r.range for r in hub.requests if r.range] == ["bytes=10485760-"]
+    model = await stub.GetModel(M.GetModelRequest(id="local/org/big"))
+    assert (Path(model.local_path) / "model.safetensors").read_bytes() == weights
+
+
+async def test_a_broken_transfer_fails_cleanly(gateway, hub) -> None:
+    server, stub, _ = gateway
+    hub.add_repo("org/big", {"config.json": b"{}", "model.safetensors": os.urandom(BIG)})
+    hub.drop_after("model.safetensors", 2**20, reset=True)
+    job = await stub.DownloadModel(M.DownloadModelRequest(repo_id="org/big"))
+    last = (await finished(stub, job.id))[-1]
+    assert last.state == model_pb2.DOWNLOAD_STATE_FAILED
+    assert last.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert "retry" in last.error.message
+    repo = Path(server.config.storage.hf_cache) / "models--org--big"
+    assert incomplete_files(repo) == []
+    listed = await stub.ListModels(M.ListModelsRequest(provider="local"))
+    assert list(listed.models) == []
+
+
+async def test_rest_watch_ends_with_an_in_band_terminal_event(gateway, hub, tmp_path) -> None:
+    server, _, _ = gateway
+    hub.add_repo("org/big", {"config.json": b"{}", "model.safetensors": os.urandom(BIG)})
+    hub.drop_after("model.safetensors", 2**20, reset=True)
+    (tmp_path / "envoy").mkdir()
+    envoy = Envoy(server.port, tmp_path / "envoy")
+    await asyncio.to_thread(envoy.start)
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                f"{envoy.url}/v1/models:download", json={"repoId": "org/big"}
+            ) as r:
+                assert r.status == 200
+                job = await r.json()
+            async with http.get(f"{envoy.url}/v1/downloads/{job['id']}:watch") as r:
+                assert r.headers["Content-Type"].startswith("text/event-stream")
+                body = await r.text()
+        events = [json.loads(line[5:]) for line in body.splitlines() if line.startswith("data:")]
+        assert events[-1]["state"] == "DOWNLOAD_STATE_FAILED"
+        assert events[-1]["error"]["details"][0]["reason"] == "HUB_TRANSFER_FAILED"
+    finally:
+        envoy.stop()
+
+
+async def test_a_server_killed_mid_download_marks_it_failed_and_cleans_up(
+    tmp_path: Path, hub
+) -> None:
+    hub.add_repo("org/big", {"config.json": b"{}", "model.safetensors": os.urandom(BIG)})
+    hub.throttle(2_000_000)
+    port = free_port()
+    config = tmp_path / "gateway.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "server": {"port": port},
+                "auth": {"enabled": False},
+                "metrics": {"enabled": False},
+                "storage": gateway_config(tmp_path, hub),
+            }
+        )
+    )
+
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pluggably", "--config", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    async def stub_when_up(channel: grpc.aio.Channel) -> model_service_pb2_grpc.ModelServiceStub:
+        stub = model_service_pb2_grpc.ModelServiceStub(channel)
+        for _ in range(300):
+            try:
+                await stub.ListDownloads(M.ListDownloadsRequest(), timeout=1)
+                return stub
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(0.1)
+        raise AssertionError("the gateway did not come up")
+
+    gateway = start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = await stub_when_up(channel)
+            job = await stub.DownloadModel(M.DownloadModelRequest(repo_id="org/big"))
+            for _ in range(200):
+                if (await stub.GetDownload(M.GetDownloadRequest(id=job.id))).downloaded_bytes:
+                    break
+                await asyncio.sleep(0.05)
+        gateway.send_signal(signal.SIGKILL)
+        await asyncio.to_thread(gateway.wait, 10)
+        cache = tmp_path / "hf-cache"
+        assert incomplete_files(cache)  # what a killed process leaves behind
+        hub.throttle(None)
+        gateway = start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = await stub_when_up(channel)
+            after = await stub.GetDownload(M.GetDownloadRequest(id=job.id))
+            assert after.state == model_pb2.DOWNLOAD_STATE_FAILED
+            assert "interrupted" in after.error.message
+            listed = await stub.ListModels(M.ListModelsRequest(provider="local"))
+            assert list(listed.models) == []
+        assert incomplete_files(cache) == []
+    finally:
+        gateway.kill()
+        await asyncio.to_thread(gateway.wait, 10)
