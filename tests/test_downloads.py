@@ -374,3 +374,80 @@ async def test_a_server_killed_mid_download_marks_it_failed_and_cleans_up(
     finally:
         gateway.kill()
         await asyncio.to_thread(gateway.wait, 10)
+
+
+async def test_a_token_from_the_environment_opens_a_gated_repo_and_is_never_logged(
+    tmp_path: Path, hub, config_for, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    from pluggably.server import GatewayServer
+
+    hub.add_repo("org/gated", {"config.json": b"{}"}, gated=True)
+    monkeypatch.setenv("MY_HUB_TOKEN", "hf_granted_0123456789")
+    storage = gateway_config(tmp_path, hub)
+    storage["hub"] = {"endpoint": hub.endpoint, "token_env": "MY_HUB_TOKEN"}
+    server = GatewayServer(config_for([], storage=storage))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = model_service_pb2_grpc.ModelServiceStub(channel)
+            job = await stub.DownloadModel(M.DownloadModelRequest(repo_id="org/gated"))
+            updates = await finished(stub, job.id)
+        assert updates[-1].state == model_pb2.DOWNLOAD_STATE_SUCCEEDED
+        assert all(r.authenticated for r in hub.requests if "/resolve/" in r.path)
+        assert "hf_granted_0123456789" not in caplog.text
+    finally:
+        await server.stop(grace=0)
+
+
+async def test_downloads_can_go_to_a_folder_of_their_own(tmp_path: Path, hub, config_for) -> None:
+    from pluggably.server import GatewayServer
+
+    storage = gateway_config(tmp_path, hub, downloads_dir=str(tmp_path / "downloads"))
+    server = GatewayServer(config_for([], storage=storage))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = model_service_pb2_grpc.ModelServiceStub(channel)
+            job = await stub.DownloadModel(M.DownloadModelRequest(repo_id="org/tiny"))
+            assert (await finished(stub, job.id))[-1].state == (model_pb2.DOWNLOAD_STATE_SUCCEEDED)
+            model = await stub.GetModel(M.GetModelRequest(id="local/org/tiny"))
+            assert model.local_path == str(tmp_path / "downloads" / "org" / "tiny")
+            assert model.state == model_pb2.MODEL_STATE_AVAILABLE
+            assert not await asyncio.to_thread((tmp_path / "hf-cache").exists)
+            # Owned: deleting it removes the folder.
+            await stub.DeleteModel(M.DeleteModelRequest(id="local/org/tiny"))
+            assert not await asyncio.to_thread(Path(model.local_path).exists)
+    finally:
+        await server.stop(grace=0)
+
+
+async def test_concurrent_downloads_never_overbook_the_budget(
+    tmp_path: Path, hub, config_for
+) -> None:
+    """Each fits alone; not both: exactly one is admitted, the other refused up front."""
+    from pluggably.server import GatewayServer
+
+    hub.add_repo("org/a", {"config.json": b"{}", "w.bin": os.urandom(600_000)})
+    hub.add_repo("org/b", {"config.json": b"{}", "w.bin": os.urandom(600_000)})
+    hub.throttle(1_000_000)
+    storage = gateway_config(tmp_path, hub, limits={"models_bytes": 1_000_000, "min_free_bytes": 0})
+    server = GatewayServer(config_for([], storage=storage))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = model_service_pb2_grpc.ModelServiceStub(channel)
+            results = await asyncio.gather(
+                stub.DownloadModel(M.DownloadModelRequest(repo_id="org/a")),
+                stub.DownloadModel(M.DownloadModelRequest(repo_id="org/b")),
+                return_exceptions=True,
+            )
+            admitted = [r for r in results if isinstance(r, model_pb2.Download)]
+            refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+            assert len(admitted) == 1 and len(refused) == 1
+            assert refused[0].code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            hub.throttle(None)
+            assert (await finished(stub, admitted[0].id))[-1].state == (
+                model_pb2.DOWNLOAD_STATE_SUCCEEDED
+            )
+    finally:
+        await server.stop(grace=0)

@@ -465,3 +465,40 @@ async def test_rescan_finds_new_models_and_forgets_vanished_ones(
     finally:
         await channel.close()
         await server.stop(grace=0)
+
+
+async def test_delete_removes_a_symlink_but_never_what_it_points_to(gateway, tmp_path) -> None:
+    _, stub, _ = gateway
+    outside = tmp_path / "precious.txt"
+    outside.write_bytes(b"keep me")
+    model = await stub.GetModel(model_service_pb2.GetModelRequest(id="local/org/downloaded"))
+    (Path(model.local_path) / "link-out").symlink_to(outside)
+    (Path(model.local_path) / "dir-out").symlink_to(
+        tmp_path / "elsewhere", target_is_directory=True
+    )
+    await stub.DeleteModel(model_service_pb2.DeleteModelRequest(id="local/org/downloaded"))
+    assert not await asyncio.to_thread(Path(model.local_path).exists)
+    assert await asyncio.to_thread(outside.read_bytes) == b"keep me"
+    assert await asyncio.to_thread((tmp_path / "elsewhere" / "foreign").is_dir)
+
+
+async def test_delete_without_an_id_through_envoy_is_a_bad_request(gateway, tmp_path) -> None:
+    import aiohttp
+
+    from pluggably.devtools.envoy import Envoy
+
+    server, _, _ = gateway
+    (tmp_path / "envoy").mkdir()
+    envoy = Envoy(server.port, tmp_path / "envoy")
+    await asyncio.to_thread(envoy.start)
+    try:
+        async with aiohttp.ClientSession() as http:
+            for path in ("/v1/models", "/v1/models/", "/v1/models/local/..%2Fx"):
+                async with http.delete(f"{envoy.url}{path}") as r:
+                    body = await r.json()
+                    assert r.status == 400, (path, body)
+                    assert body["code"] == 3
+            async with http.get(f"{envoy.url}/v1/models") as r:  # listing still works
+                assert r.status == 200
+    finally:
+        envoy.stop()

@@ -205,3 +205,15 @@ async def test_an_artifact_downloads_through_envoy_as_the_raw_file(stack, tmp_pa
                 assert (await r.json())["details"][0]["reason"] == "ARTIFACT_NOT_FOUND"
     finally:
         envoy.stop()
+
+
+async def test_retention_keeps_artifacts_under_their_limit_oldest_first(stack) -> None:
+    server, stub, _ = stack
+    chunk = b"x" * (4 * 2**20)
+    old = await put(server, chunk + b"1")
+    middle = await put(server, chunk + b"2")
+    new = await put(server, chunk + b"3")  # 12 MiB in all; the limit is 10 MiB
+    removed = await server.storage.enforce_retention()
+    assert removed == [old.id]
+    listed = await stub.ListArtifacts(S.ListArtifactsRequest())
+    assert [a.id for a in listed.artifacts] == [new.id, middle.id]

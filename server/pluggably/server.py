@@ -83,6 +83,7 @@ class GatewayServer:
         # Disk budget and artifact store: opened by start(), closed by stop().
         self.storage: StorageManager | None = None
         self._rescans: asyncio.Task[None] | None = None
+        self._retention: asyncio.Task[None] | None = None
         self.downloads: DownloadManager | None = None
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
@@ -104,6 +105,7 @@ class GatewayServer:
                 self.downloads = DownloadManager(config.storage, self.models, self.storage)
                 await self.downloads.start()
             port = await self._start_grpc(ops)
+            self._retention = asyncio.create_task(self.storage.run_retention())
             if self.models is not None:
                 # In the background: a large Hugging Face cache must not delay serving.
                 self._rescans = asyncio.create_task(self.models.run_rescans())
@@ -205,10 +207,11 @@ class GatewayServer:
         log.info("shutting down: NOT_SERVING, %.1fs grace for in-flight RPCs", grace)
         stopping = asyncio.ensure_future(self._server.stop(grace + _FLUSH_S))
         await asyncio.wait([stopping], timeout=grace)
-        if self._rescans is not None:
-            self._rescans.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._rescans
+        for task in (self._rescans, self._retention):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.downloads is not None:
             await self.downloads.aclose()
         await close_backends(self.backends)

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _MODEL_PREFIX = "local/"
+# Seconds between retention passes over the artifact store.
+RETENTION_INTERVAL_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,29 @@ class StorageManager:
             Category.TEMPORARY: await asyncio.to_thread(_tree_count, self.temporary_dir),
         }
         return UsageReport(usage, counts)
+
+    # ---- retention -----------------------------------------------------------------------------
+
+    async def enforce_retention(self) -> list[str]:
+        """Removes expired artifacts, then the oldest ones while the artifacts are over
+        `storage.limits.artifacts_bytes`; the ids removed."""
+        removed = await self.artifacts.expire()
+        limit = self.config.limits.artifacts_bytes
+        if limit is not None:
+            removed += await self.artifacts.evict_to(limit)
+        if removed:
+            log.info("artifact retention removed %d artifacts", len(removed))
+            await self.refresh()
+        return [a.id for a in removed]
+
+    async def run_retention(self, interval_s: float = RETENTION_INTERVAL_S) -> None:
+        """Enforces retention now and then every `interval_s`, until cancelled."""
+        while True:
+            try:
+                await self.enforce_retention()
+            except Exception:
+                log.exception("artifact retention failed")
+            await asyncio.sleep(interval_s)
 
     # ---- making room ---------------------------------------------------------------------------
 
