@@ -2,7 +2,8 @@
 
 One module, one argparse tree: `pluggably <group> <command>`. Each group is a function that adds
 its commands to the tree (`_add_keys`); a command is a function from the parsed arguments to an
-exit code. Later groups (`models`, `storage`, `artifacts`) add themselves to `GROUPS`.
+exit code. The groups that call a running gateway (`models`, `storage`, `artifacts`) are in
+cli_remote.py; they add exit codes 3 (not authenticated or allowed) and 4 (gateway unreachable).
 
 Exit codes: 0 done, 1 not found, 2 usage or configuration error. Errors go to stderr as one line.
 The admin commands work on the key store file directly; a running server sees a change on its
@@ -22,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
+from pluggably.cli_remote import add_artifacts, add_models, add_storage
 from pluggably.core.context import KeyLimits
 from pluggably.security import scopes as scope_table
 from pluggably.security.keys import KeyRecord, KeyStore, KeyStoreError
@@ -349,8 +351,13 @@ def _add_keys(groups: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         _store_options(command, top=False)
 
 
-# Each adds one command group; later issues append theirs (models, storage, artifacts).
-GROUPS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [_add_keys]
+# Each adds one command group.
+GROUPS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = [
+    _add_keys,
+    add_models,
+    add_storage,
+    add_artifacts,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
