@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -449,5 +450,49 @@ async def test_concurrent_downloads_never_overbook_the_budget(
             assert (await finished(stub, admitted[0].id))[-1].state == (
                 model_pb2.DOWNLOAD_STATE_SUCCEEDED
             )
+    finally:
+        await server.stop(grace=0)
+
+
+async def test_a_download_evicts_an_idle_unpinned_model_to_make_room(
+    tmp_path: Path, hub, config_for, tiny_model_dir: Path
+) -> None:
+    from pluggably.server import GatewayServer
+    from pluggably.v1 import storage_service_pb2, storage_service_pb2_grpc
+
+    folder = tmp_path / "models"
+    await asyncio.to_thread(shutil.copytree, tiny_model_dir, folder / "old")
+    await asyncio.to_thread(shutil.copytree, tiny_model_dir, folder / "kept")
+    size = sum(p.stat().st_size for p in (folder / "old").rglob("*") if p.is_file())
+    hub.add_repo("org/new", {"config.json": b"{}", "w.bin": os.urandom(size // 2)})
+    storage = gateway_config(
+        tmp_path,
+        hub,
+        model_folders=[str(folder)],
+        # Room for the two models there and not a byte more; anything idle may go.
+        limits={"models_bytes": 2 * size, "min_free_bytes": 0, "min_idle_s": 0},
+    )
+    server = GatewayServer(config_for([], storage=storage))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = model_service_pb2_grpc.ModelServiceStub(channel)
+            for _ in range(100):  # the scan at start registers both
+                listed = await stub.ListModels(M.ListModelsRequest(provider="local"))
+                if len(listed.models) == 2:
+                    break
+                await asyncio.sleep(0.05)
+            await stub.PinModel(M.PinModelRequest(id="local/kept"))
+            job = await stub.DownloadModel(M.DownloadModelRequest(repo_id="org/new"))
+            assert (await finished(stub, job.id))[-1].state == (model_pb2.DOWNLOAD_STATE_SUCCEEDED)
+            ids = {m.id for m in (await stub.ListModels(M.ListModelsRequest())).models}
+            assert ids == {"local/kept", "local/org/new"}  # old went, the pinned one stayed
+            assert not await asyncio.to_thread((folder / "old").exists)
+            usage = await storage_service_pb2_grpc.StorageServiceStub(channel).GetStorageUsage(
+                storage_service_pb2.GetStorageUsageRequest()
+            )
+            (eviction,) = usage.recent_evictions
+            assert eviction.id == "local/old" and eviction.freed_bytes == size
+            assert eviction.reason
     finally:
         await server.stop(grace=0)

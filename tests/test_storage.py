@@ -200,6 +200,14 @@ async def test_an_artifact_downloads_through_envoy_as_the_raw_file(stack, tmp_pa
                 assert r.status == 200, body[:200]
                 assert r.headers["Content-Type"] == "image/png"
             assert body == PNG
+            ranged = f"{envoy.url}/v1/artifacts/{image.id}:content?offset=1000&length=70000"
+            async with http.get(ranged) as r:
+                assert r.status == 200 and r.headers["Content-Type"] == "image/png"
+                assert await r.read() == PNG[1000:71000]
+            async with http.get(
+                f"{envoy.url}/v1/artifacts/{image.id}:content?offset={len(PNG) + 1}"
+            ) as r:
+                assert r.status == 400
             async with http.get(f"{envoy.url}/v1/artifacts/{'0' * 64}:content") as r:
                 assert r.status == 404
                 assert (await r.json())["details"][0]["reason"] == "ARTIFACT_NOT_FOUND"

@@ -123,7 +123,20 @@ class StorageServicer(storage_service_pb2_grpc.StorageServiceServicer):
     ) -> AsyncIterator[httpbody_pb2.HttpBody]:
         store = self._manager().artifacts
         info = await store.get(request.id)
-        async with contextlib.aclosing(store.read(info.id, chunk_size=READ_CHUNK_BYTES)) as chunks:
+        violations = []
+        if request.offset < 0:
+            violations.append(FieldViolation("offset", "must be >= 0"))
+        if request.length < 0:
+            violations.append(FieldViolation("length", "must be >= 0 (0: to the end)"))
+        if violations:
+            raise InvalidArgument(violations)
+        read = store.read(
+            info.id,
+            offset=request.offset,
+            length=request.length or None,
+            chunk_size=READ_CHUNK_BYTES,
+        )
+        async with contextlib.aclosing(read) as chunks:
             first = True
             async for data in chunks:
                 # The content type on the first message is what Envoy sends as Content-Type.

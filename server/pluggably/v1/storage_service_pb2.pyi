@@ -118,10 +118,14 @@ class GetArtifactRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class ReadArtifactRequest(_message.Message):
-    __slots__ = ("id",)
+    __slots__ = ("id", "offset", "length")
     ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
     id: str
-    def __init__(self, id: _Optional[str] = ...) -> None: ...
+    offset: int
+    length: int
+    def __init__(self, id: _Optional[str] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class DeleteArtifactRequest(_message.Message):
     __slots__ = ("id",)
