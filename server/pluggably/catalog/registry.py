@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pluggably.core import sqlite as sqlite_store
 from pluggably.core.types import (
     LocalDetails,
     Modality,
@@ -39,7 +40,7 @@ from pluggably.core.types import (
 
 log = logging.getLogger(__name__)
 
-_BUSY_TIMEOUT_MS = 5000
+
 # Last-used times are advisory (eviction order, listings): written at most this often per model.
 LAST_USED_RESOLUTION_S = 60.0
 # Which source may overwrite which: a row is only replaced by its own source or a stronger one.
@@ -221,20 +222,15 @@ class ModelRegistry:
             os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
         except OSError as exc:
             raise RegistryError(f"cannot open model registry {self.path}: {exc.strerror}") from None
-        self._conn = sqlite3.connect(
-            self.path,
-            isolation_level=None,
-            check_same_thread=False,
-            timeout=_BUSY_TIMEOUT_MS / 1000,
-        )
         try:
-            self._conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-            self._conn.execute("PRAGMA journal_mode = WAL")
-            self._conn.execute("PRAGMA synchronous = NORMAL")
-            self._migrate()
-        except sqlite3.Error as exc:
+            self._conn = sqlite_store.connect(self.path, what="model registry")
+        except sqlite_store.SchemaError as exc:
+            raise RegistryError(str(exc)) from None
+        try:
+            sqlite_store.migrate(self._conn, MIGRATIONS, what="model registry", path=self.path)
+        except sqlite_store.SchemaError as exc:
             self._conn.close()
-            raise RegistryError(f"cannot open model registry {self.path}: {exc}") from None
+            raise RegistryError(str(exc)) from None
         except BaseException:
             self._conn.close()
             raise
@@ -256,27 +252,6 @@ class ModelRegistry:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def _migrate(self) -> None:
-        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > len(MIGRATIONS):
-            raise RegistryError(
-                f"model registry {self.path} has schema version {version}, newer than this "
-                f"pluggably understands ({len(MIGRATIONS)}): upgrade pluggably"
-            )
-        if version == len(MIGRATIONS):
-            return
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-            for index in range(version, len(MIGRATIONS)):
-                for statement in MIGRATIONS[index]:
-                    self._conn.execute(statement)
-            self._conn.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
-            self._conn.execute("COMMIT")
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
 
     # -- reading -------------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pluggably.core import sqlite as sqlite_store
 from pluggably.core.context import KeyLimits, Principal
 from pluggably.security import scopes as scope_table
 
@@ -43,7 +44,7 @@ SECRET_BYTES = 32
 MAX_PRESENTED_LENGTH = 256
 # last_used_at is advisory: one write per key per this many seconds keeps the hot path read-only.
 LAST_USED_RESOLUTION_S = 60.0
-_BUSY_TIMEOUT_MS = 5000
+
 
 _KEY_ID = re.compile(r"^[a-z2-7]{12}$")
 _MODEL_PATTERN = re.compile(r"^[^\s*/]+/(\*|[^\s*]+)$")
@@ -205,25 +206,18 @@ class KeyStore:
             os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
         except OSError as exc:
             raise KeyStoreError(f"cannot open key store {self.path}: {exc.strerror}") from None
-        # Autocommit (isolation_level=None): every statement commits at once, so the hot path
-        # never holds a read transaction open, which would pin a snapshot and hide revocations.
-        # check_same_thread=False because the store may be opened in one thread (start-up, a
-        # test) and then used from the event loop's thread; it is never used by two at once.
-        self._conn = sqlite3.connect(
-            self.path,
-            isolation_level=None,
-            check_same_thread=False,
-            timeout=_BUSY_TIMEOUT_MS / 1000,
-        )
+        # Autocommit: the hot path never holds a read transaction open, which would pin a
+        # snapshot and hide revocations. FULL: a revocation must survive a power cut as soon
+        # as the CLI says it is done.
         try:
-            self._conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-            self._conn.execute("PRAGMA journal_mode = WAL")
-            # A revocation must survive a power cut as soon as the CLI says it is done.
-            self._conn.execute("PRAGMA synchronous = FULL")
-            self._migrate()
-        except sqlite3.Error as exc:
+            self._conn = sqlite_store.connect(self.path, what="key store", synchronous="FULL")
+        except sqlite_store.SchemaError as exc:
+            raise KeyStoreError(str(exc)) from None
+        try:
+            sqlite_store.migrate(self._conn, MIGRATIONS, what="key store", path=self.path)
+        except sqlite_store.SchemaError as exc:
             self._conn.close()
-            raise KeyStoreError(f"cannot open key store {self.path}: {exc}") from None
+            raise KeyStoreError(str(exc)) from None
         except BaseException:
             self._conn.close()
             raise
@@ -281,29 +275,6 @@ class KeyStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def _migrate(self) -> None:
-        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > len(MIGRATIONS):
-            raise KeyStoreError(
-                f"key store {self.path} has schema version {version}, newer than this "
-                f"pluggably understands ({len(MIGRATIONS)}): upgrade pluggably"
-            )
-        if version == len(MIGRATIONS):
-            return
-        # IMMEDIATE takes the write lock first, so two processes opening a new store at once
-        # do not both migrate it: the second waits, then sees the new version.
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-            for index in range(version, len(MIGRATIONS)):
-                for statement in MIGRATIONS[index]:
-                    self._conn.execute(statement)
-            self._conn.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
-            self._conn.execute("COMMIT")
-        except BaseException:
-            self._conn.execute("ROLLBACK")
-            raise
 
     # -- administration ----------------------------------------------------------------------
 
@@ -472,7 +443,7 @@ class KeyStore:
                 )
             finally:
                 self._conn.execute("PRAGMA synchronous = FULL")
-                self._conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+                self._conn.execute(f"PRAGMA busy_timeout = {sqlite_store.BUSY_TIMEOUT_MS}")
         except sqlite3.Error as exc:
             log.debug("could not record the last use of key %s: %s", key_id, exc)
 

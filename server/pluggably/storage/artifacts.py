@@ -66,6 +66,7 @@ from types import TracebackType
 from typing import Final, Literal, Self, TypeAlias
 
 from pluggably.api.pagination import check_page_size, decode_page_token, encode_page_token
+from pluggably.core import sqlite as sqlite_store
 from pluggably.core.errors import (
     FailedPrecondition,
     FieldViolation,
@@ -507,56 +508,22 @@ class FilesystemArtifactStore(ArtifactStore):
     # -- opening ---------------------------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
-        path = self.root / "index.db"
+        # NORMAL in WAL mode survives a process crash; a power cut may lose the last commits,
+        # and the reconcile at open then removes their (fsynced) orphan files.
         try:
-            # Autocommit: reads never hold a snapshot open; writes open explicit transactions.
-            # check_same_thread=False: statements run in worker threads, one at a time per
-            # connection (the locks above).
-            conn = sqlite3.connect(
-                path,
-                isolation_level=None,
-                check_same_thread=False,
-                timeout=_BUSY_TIMEOUT_MS / 1000,
+            return sqlite_store.connect(
+                self.root / "index.db", what="artifact index", busy_timeout_ms=_BUSY_TIMEOUT_MS
             )
-        except sqlite3.Error as exc:
-            raise ArtifactStoreError(f"cannot open artifact index {path}: {exc}") from None
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-            conn.execute("PRAGMA journal_mode = WAL")
-            # NORMAL in WAL mode survives a process crash; a power cut may lose the last
-            # commits, and the reconcile at open then removes their (fsynced) orphan files.
-            conn.execute("PRAGMA synchronous = NORMAL")
-        except sqlite3.Error as exc:
-            conn.close()
-            raise ArtifactStoreError(f"cannot open artifact index {path}: {exc}") from None
-        return conn
+        except sqlite_store.SchemaError as exc:
+            raise ArtifactStoreError(str(exc)) from None
 
     def _migrate(self) -> None:
-        conn = self._write
         try:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > len(MIGRATIONS):
-                raise ArtifactStoreError(
-                    f"artifact index {self.root / 'index.db'} has schema version {version}, "
-                    f"newer than this pluggably understands ({len(MIGRATIONS)}): upgrade"
-                )
-            if version == len(MIGRATIONS):
-                return
-            # IMMEDIATE takes the write lock first: of two processes opening a new store at once,
-            # the second waits, then sees the new version and migrates nothing.
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-                for index in range(version, len(MIGRATIONS)):
-                    for statement in MIGRATIONS[index]:
-                        conn.execute(statement)
-                conn.execute(f"PRAGMA user_version = {len(MIGRATIONS)}")
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise ArtifactStoreError(f"cannot open artifact index: {exc}") from None
+            sqlite_store.migrate(
+                self._write, MIGRATIONS, what="artifact index", path=self.root / "index.db"
+            )
+        except sqlite_store.SchemaError as exc:
+            raise ArtifactStoreError(str(exc)) from None
 
     def _reconcile(self, tmp_root: Path) -> None:
         """Brings files and rows back in step after a crash (this or another process's).
