@@ -116,7 +116,11 @@ class LocalBackend(Backend):
         runner_info = None
         if text_model is not None:
             self.text.ensure_model(text_model)
-            runner_info = await asyncio.to_thread(self.text.describe, name)
+            # Reading the model's files happens once; routing asks on every request.
+            if self.text.files_read(name):
+                runner_info = self.text.describe(name)
+            else:
+                runner_info = await asyncio.to_thread(self.text.describe, name)
         return self._describe(entry, runner_info)
 
     def _describe(self, entry: ModelEntry, runner_info: ModelInfo | None) -> ModelInfo:

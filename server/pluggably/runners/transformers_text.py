@@ -314,6 +314,11 @@ class TransformersTextBackend(Backend):
         busy = slot.admission.running > 0 or slot.admission.waiting > 0
         return loading or busy or any(job.slot is slot for job in self._jobs)
 
+    def files_read(self, name: str) -> bool:
+        """Whether `describe(name)` would answer without reading files."""
+        slot = self._slots.get(name)
+        return slot is not None and slot.files is not None
+
     def describe(self, name: str) -> ModelInfo | None:
         """What this runner knows of `name` (loaded, context, load failure); None if unknown."""
         slot = self._slots.get(name)
