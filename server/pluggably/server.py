@@ -155,10 +155,20 @@ class GatewayServer:
             ],
         )
         generate_service_pb2_grpc.add_GenerateServiceServicer_to_server(
-            GenerateServicer(self.dataplane, log_prompts=config.logging.log_prompts), server
+            GenerateServicer(
+                self.dataplane,
+                log_prompts=config.logging.log_prompts,
+                artifacts=self.storage.artifacts if self.storage is not None else None,
+            ),
+            server,
         )
         stream_service_pb2_grpc.add_StreamServiceServicer_to_server(
-            StreamServicer(self.dataplane, log_prompts=config.logging.log_prompts), server
+            StreamServicer(
+                self.dataplane,
+                log_prompts=config.logging.log_prompts,
+                artifacts=self.storage.artifacts if self.storage is not None else None,
+            ),
+            server,
         )
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(
             ModelServicer(self.router, self.models, self.downloads), server

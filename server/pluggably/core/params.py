@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pluggably.core.errors import FieldViolation
-from pluggably.core.types import Modality, TextParams
+from pluggably.core.types import ImageParams, Modality, TextParams
 
 
 class ParamType(enum.Enum):
@@ -102,7 +102,52 @@ TEXT_PARAMETERS: tuple[ParameterSpec, ...] = (
     ),
 )
 
-_BY_MODALITY: dict[Modality, tuple[ParameterSpec, ...]] = {Modality.TEXT: TEXT_PARAMETERS}
+MAX_NEGATIVE_PROMPT_CHARS = 10_000
+# Image sides are multiples of this (the latent grid of diffusion models; providers accept it).
+IMAGE_SIDE_MULTIPLE = 8
+
+IMAGE_PARAMETERS: tuple[ParameterSpec, ...] = (
+    ParameterSpec(
+        "image.width",
+        ParamType.INTEGER,
+        f"Image width in pixels, a multiple of {IMAGE_SIDE_MULTIPLE}.",
+        minimum=64,
+        maximum=4096,
+    ),
+    ParameterSpec(
+        "image.height",
+        ParamType.INTEGER,
+        f"Image height in pixels, a multiple of {IMAGE_SIDE_MULTIPLE}.",
+        minimum=64,
+        maximum=4096,
+    ),
+    ParameterSpec("image.steps", ParamType.INTEGER, "Denoising steps.", minimum=1, maximum=500),
+    ParameterSpec(
+        "image.guidance_scale",
+        ParamType.NUMBER,
+        "Classifier-free guidance scale.",
+        minimum=0,
+        maximum=50,
+    ),
+    ParameterSpec(
+        "image.negative_prompt",
+        ParamType.STRING,
+        f"What the image should not show (at most {MAX_NEGATIVE_PROMPT_CHARS} characters).",
+        default="",
+    ),
+    ParameterSpec("image.seed", ParamType.INTEGER, "Seed for the initial noise."),
+    ParameterSpec(
+        "image.count", ParamType.INTEGER, "Number of images.", default=1, minimum=1, maximum=8
+    ),
+    ParameterSpec(
+        "image.format", ParamType.STRING, "File format: png, jpeg or webp.", default="png"
+    ),
+)
+
+_BY_MODALITY: dict[Modality, tuple[ParameterSpec, ...]] = {
+    Modality.TEXT: TEXT_PARAMETERS,
+    Modality.IMAGE: IMAGE_PARAMETERS,
+}
 _TEXT_SHORT_NAMES = tuple((spec, spec.name.split(".", 1)[1]) for spec in TEXT_PARAMETERS)
 
 
@@ -165,6 +210,34 @@ def validate_text_params(params: TextParams, prefix: str = "text") -> list[Field
         problem = _out_of_range(spec, value)
         if problem:
             violations.append(FieldViolation(field, problem))
+    return violations
+
+
+def validate_image_params(params: ImageParams, prefix: str = "image") -> list[FieldViolation]:
+    """Range checks that hold for every image backend."""
+    violations: list[FieldViolation] = []
+    for spec in IMAGE_PARAMETERS:
+        short = spec.name.split(".", 1)[1]
+        value = getattr(params, short)
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            continue
+        field = f"{prefix}.{short}"
+        if isinstance(value, float) and not math.isfinite(value):
+            violations.append(FieldViolation(field, "must be a finite number"))
+            continue
+        problem = _out_of_range(spec, value)
+        if problem:
+            violations.append(FieldViolation(field, problem))
+        elif short in ("width", "height") and value % IMAGE_SIDE_MULTIPLE:
+            violations.append(
+                FieldViolation(field, f"must be a multiple of {IMAGE_SIDE_MULTIPLE}, got {value}")
+            )
+    if len(params.negative_prompt) > MAX_NEGATIVE_PROMPT_CHARS:
+        violations.append(
+            FieldViolation(
+                f"{prefix}.negative_prompt", f"at most {MAX_NEGATIVE_PROMPT_CHARS} characters"
+            )
+        )
     return violations
 
 
@@ -255,7 +328,10 @@ NO_PROVIDER_OPTIONS = ProviderOptionsPolicy()
 
 
 def check_against_specs(
-    params: TextParams, specs: Iterable[ParameterSpec], model_id: str, prefix: str = "text"
+    params: TextParams | ImageParams,
+    specs: Iterable[ParameterSpec],
+    model_id: str,
+    prefix: str = "text",
 ) -> list[FieldViolation]:
     """Rejects parameters a model does not honour, and values outside the model's own ranges
     (which may be narrower than the ranges every backend shares)."""
@@ -265,7 +341,7 @@ def check_against_specs(
         if section != prefix or not hasattr(params, short):
             continue
         value = getattr(params, short)
-        if value is None or value == ():
+        if value is None or value == () or value == "":
             continue
         field = spec.name
         if not spec.supported:

@@ -183,6 +183,31 @@ class TextParams:
     response_format: ResponseFormat | None = None
 
 
+class ImageFormat(enum.Enum):
+    PNG = "png"
+    JPEG = "jpeg"
+    WEBP = "webp"
+
+    @property
+    def mime_type(self) -> str:
+        return f"image/{self.value}"
+
+
+@dataclass(frozen=True)
+class ImageParams:
+    """What an image request asks for; None: the model's default."""
+
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str = ""
+    seed: int | None = None
+    count: int | None = None
+    format: ImageFormat | None = None  # None: PNG
+    inline_data: bool = False  # also return the bytes (a transport matter, not the model's)
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One validated generation request, as a backend receives it.
@@ -197,6 +222,7 @@ class GenerationRequest:
     messages: tuple[ChatMessage, ...] = ()
     prompt: str | None = None
     text: TextParams = field(default_factory=TextParams)
+    image: ImageParams = field(default_factory=ImageParams)
     tools: tuple[FunctionTool, ...] = ()
     tool_choice: ToolChoice | None = None
     provider_options: dict[str, Any] = field(default_factory=dict)
@@ -246,6 +272,16 @@ class ProgressChunk:
 
 
 @dataclass(frozen=True)
+class ArtifactChunk:
+    """A file a generation produced (an image, a mesh): the backend yields its bytes, the
+    generation layer stores it in the artifact store and hands callers a reference."""
+
+    data: bytes
+    mime_type: str
+    kind: str  # "image", "mesh"
+
+
+@dataclass(frozen=True)
 class DoneChunk:
     """Always the last chunk a backend yields for a generation that ended normally.
 
@@ -259,7 +295,7 @@ class DoneChunk:
     model_version: str = ""
 
 
-Chunk = TextChunk | ToolCallChunk | ProgressChunk | DoneChunk
+Chunk = TextChunk | ToolCallChunk | ProgressChunk | ArtifactChunk | DoneChunk
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from google.protobuf import struct_pb2
 
 from pluggably.catalog.convert import check_model_id
 from pluggably.core.errors import FieldViolation, InvalidArgument
-from pluggably.core.params import validate_text_params
+from pluggably.core.params import validate_image_params, validate_text_params
 from pluggably.core.types import (
     CHAT_ROLES,
     ChatMessage,
@@ -29,6 +29,8 @@ from pluggably.core.types import (
     FinishReason,
     FunctionTool,
     GenerationRequest,
+    ImageFormat,
+    ImageParams,
     ImagePart,
     Modality,
     ProgressChunk,
@@ -151,6 +153,10 @@ def generation_request_from_pb(
             response_format=_response_format_from_pb(t, violations),
         )
         violations.extend(validate_text_params(text))
+    image = ImageParams()
+    if option_group == "image":
+        image = _image_params_from_pb(pb.image, violations)
+        violations.extend(validate_image_params(image))
     provider_options = _provider_options_from_pb(pb.provider_options, violations)
     if violations:
         raise invalid_argument(violations)
@@ -162,6 +168,7 @@ def generation_request_from_pb(
             messages=tuple(messages),
             prompt=pb.prompt if has_prompt else None,
             text=text,
+            image=image,
             tools=tuple(tools),
             tool_choice=tool_choice,
             provider_options=provider_options,
@@ -169,6 +176,34 @@ def generation_request_from_pb(
             deadline=deadline,
         ),
         modality,
+    )
+
+
+_IMAGE_FORMATS = {
+    generation_pb2.IMAGE_FORMAT_PNG: ImageFormat.PNG,
+    generation_pb2.IMAGE_FORMAT_JPEG: ImageFormat.JPEG,
+    generation_pb2.IMAGE_FORMAT_WEBP: ImageFormat.WEBP,
+}
+
+
+def _image_params_from_pb(
+    pb: generation_pb2.ImageOptions, violations: list[FieldViolation]
+) -> ImageParams:
+    image_format = None
+    if pb.format:
+        image_format = _IMAGE_FORMATS.get(pb.format)
+        if image_format is None:
+            violations.append(FieldViolation("image.format", f"unknown format {pb.format}"))
+    return ImageParams(
+        width=pb.width if pb.HasField("width") else None,
+        height=pb.height if pb.HasField("height") else None,
+        steps=pb.steps if pb.HasField("steps") else None,
+        guidance_scale=_float32(pb.guidance_scale) if pb.HasField("guidance_scale") else None,
+        negative_prompt=pb.negative_prompt,
+        seed=pb.seed if pb.HasField("seed") else None,
+        count=pb.count if pb.HasField("count") else None,
+        format=image_format,
+        inline_data=pb.inline_data,
     )
 
 

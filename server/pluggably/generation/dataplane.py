@@ -140,7 +140,9 @@ def check_request(
             )
         ]
     backend = route.backend
-    violations = check_against_specs(request.text, backend.parameters(info), info.id)
+    specs = backend.parameters(info)
+    violations = check_against_specs(request.text, specs, info.id)
+    violations += check_against_specs(request.image, specs, info.id, prefix="image")
     if route.field != "model":
         violations = [
             FieldViolation(v.field, v.description.replace(f"model {info.id!r}", whose))

@@ -8,23 +8,36 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pluggably.core.context import RequestContext, current
-from pluggably.core.types import Chunk, DoneChunk, GenerationRequest, Modality, ProgressChunk
+from pluggably.core.errors import Unavailable
+from pluggably.core.types import (
+    ArtifactChunk,
+    Chunk,
+    DoneChunk,
+    GenerationRequest,
+    Modality,
+    ProgressChunk,
+)
 from pluggably.generation.convert import (
     ResponseAccumulator,
     generation_request_from_pb,
     stream_chunk_to_pb,
 )
 from pluggably.generation.dataplane import Dataplane
+from pluggably.storage.servicer import artifact_to_pb
 from pluggably.v1 import (
+    artifact_pb2,
     generate_service_pb2,
     generate_service_pb2_grpc,
     generation_pb2,
     stream_service_pb2,
     stream_service_pb2_grpc,
 )
+
+if TYPE_CHECKING:
+    from pluggably.storage.artifacts import ArtifactStore
 
 prompt_log = logging.getLogger("pluggably.prompts")
 
@@ -76,10 +89,49 @@ def _begin(
     return domain, modality
 
 
+class ArtifactSink:
+    """Stores the files a generation yields (`ArtifactChunk`) in the artifact store and turns
+    them into `Artifact` references (with the bytes inline when the request asked)."""
+
+    def __init__(self, store: ArtifactStore | None) -> None:
+        self._store = store
+
+    async def put(
+        self, chunk: ArtifactChunk, model: str, request_id: str, *, inline: bool
+    ) -> artifact_pb2.Artifact:
+        if self._store is None:
+            raise Unavailable(
+                "this server keeps no artifact store for generated files",
+                reason="NO_ARTIFACT_STORE",
+            )
+        info = await self._store.put(
+            chunk.data,
+            kind=chunk.kind,
+            mime_type=chunk.mime_type,
+            model=model,
+            request_id=request_id,
+        )
+        artifact = artifact_to_pb(info)
+        if inline:
+            artifact.inline_data = chunk.data
+        return artifact
+
+
+def _inline(request: GenerationRequest) -> bool:
+    return request.image.inline_data
+
+
 class GenerateServicer(generate_service_pb2_grpc.GenerateServiceServicer):
-    def __init__(self, dataplane: Dataplane, *, log_prompts: bool = False) -> None:
+    def __init__(
+        self,
+        dataplane: Dataplane,
+        *,
+        log_prompts: bool = False,
+        artifacts: ArtifactStore | None = None,
+    ) -> None:
         self._dataplane = dataplane
         self._log_prompts = log_prompts
+        self._artifacts = ArtifactSink(artifacts)
 
     async def Generate(
         self, request: generation_pb2.GenerateRequest, context: Any
@@ -95,14 +147,26 @@ class GenerateServicer(generate_service_pb2_grpc.GenerateServiceServicer):
             async for model, chunk in stream:
                 if ctx is not None:
                     _note(ctx, model, chunk)
+                if isinstance(chunk, ArtifactChunk):
+                    result.response.artifacts.append(
+                        await self._artifacts.put(chunk, model, request_id, inline=_inline(domain))
+                    )
+                    continue
                 result.add(model, chunk)
         return result.result()
 
 
 class StreamServicer(stream_service_pb2_grpc.StreamServiceServicer):
-    def __init__(self, dataplane: Dataplane, *, log_prompts: bool = False) -> None:
+    def __init__(
+        self,
+        dataplane: Dataplane,
+        *,
+        log_prompts: bool = False,
+        artifacts: ArtifactStore | None = None,
+    ) -> None:
         self._dataplane = dataplane
         self._log_prompts = log_prompts
+        self._artifacts = ArtifactSink(artifacts)
 
     async def StreamGenerate(
         self, request: generation_pb2.GenerateRequest, context: Any
@@ -117,4 +181,11 @@ class StreamServicer(stream_service_pb2_grpc.StreamServiceServicer):
             async for model, chunk in stream:
                 if ctx is not None:
                     _note(ctx, model, chunk)
+                if isinstance(chunk, ArtifactChunk):
+                    out = stream_service_pb2.StreamGenerateResponse(id=request_id, model=model)
+                    out.artifact.CopyFrom(
+                        await self._artifacts.put(chunk, model, request_id, inline=_inline(domain))
+                    )
+                    yield out
+                    continue
                 yield stream_chunk_to_pb(request_id, model, chunk)
