@@ -93,6 +93,8 @@ class ServerConfig(StrictModel):
     max_concurrent_streams: int = Field(256, ge=1)
     # A stream still running after this long is ended with DEADLINE_EXCEEDED.
     max_stream_duration_s: float = Field(600.0, gt=0)
+    # Listen on this Unix socket instead of host:port (local runner processes do).
+    unix_socket: Path | None = None
 
     @model_validator(mode="after")
     def _plaintext_on_loopback(self) -> ServerConfig:

@@ -182,6 +182,8 @@ class GatewayServer:
         )
 
         address = f"{config.server.host}:{config.server.port}"
+        if config.server.unix_socket is not None:
+            address = f"unix:{config.server.unix_socket}"
         try:
             if config.server.tls.enabled:
                 from pluggably.security.tls import server_credentials

@@ -172,7 +172,7 @@ class ModelManager:
             )
         self._deleting.add(name)
         try:
-            if self.local is not None and not self.local.release(name):
+            if self.local is not None and not await self.local.release(name):
                 raise FailedPrecondition(
                     f"model {model_id} is serving requests; retry when it is idle",
                     reason="MODEL_IN_USE",

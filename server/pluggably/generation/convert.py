@@ -16,14 +16,16 @@ from collections.abc import Iterable
 from typing import Any
 
 import orjson
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
 
 from pluggably.catalog.convert import check_model_id
 from pluggably.core.errors import FieldViolation, InvalidArgument
 from pluggably.core.params import validate_image_params, validate_text_params
 from pluggably.core.types import (
     CHAT_ROLES,
+    ArtifactChunk,
     ChatMessage,
+    Chunk,
     ContentPart,
     DoneChunk,
     FinishReason,
@@ -644,3 +646,134 @@ class ResponseAccumulator:
             call_id, name, *arguments = self._calls[index]
             self.response.tool_calls.add(id=call_id, name=name, arguments="".join(arguments))
         return self.response
+
+
+# --- The other direction: for a backend that forwards to another v1 server (runners/remote.py) --
+
+
+def generation_request_to_pb(request: GenerationRequest) -> generation_pb2.GenerateRequest:
+    """`request` as the GenerateRequest that `generation_request_from_pb` reads back the same."""
+    pb = generation_pb2.GenerateRequest(model=request.model)
+    if request.prompt is not None:
+        pb.prompt = request.prompt
+    for message in request.messages:
+        m = pb.messages.add(
+            role=message.role,
+            content=message.content,
+            name=message.name,
+            tool_call_id=message.tool_call_id,
+        )
+        for part in message.parts:
+            if isinstance(part, TextPart):
+                m.parts.add(text=part.text)
+            else:
+                image = m.parts.add().image
+                if part.data:
+                    image.data = part.data
+                else:
+                    image.url = part.url
+                image.mime_type = part.mime_type
+                image.detail = _IMAGE_DETAIL_TO_PB[part.detail]
+        for call in message.tool_calls:
+            m.tool_calls.add(id=call.id, name=call.name, arguments=call.arguments)
+    for tool in request.tools:
+        fn = pb.tools.add().function
+        fn.name, fn.description, fn.strict = tool.name, tool.description, tool.strict
+        if tool.parameters is not None:
+            fn.parameters.update(tool.parameters)
+    if request.tool_choice is not None:
+        pb.tool_choice.mode = _TOOL_CHOICE_TO_PB[request.tool_choice.mode]
+        pb.tool_choice.function_name = request.tool_choice.function
+    for key, value in request.provider_options.items():
+        pb.provider_options[key].CopyFrom(_value_to_pb(value))
+    text, image = request.text, request.image
+    if text != TextParams():
+        t = pb.text
+        for name in ("max_tokens", "top_k", "seed"):
+            if getattr(text, name) is not None:
+                setattr(t, name, getattr(text, name))
+        for name in (
+            "temperature",
+            "top_p",
+            "repetition_penalty",
+            "presence_penalty",
+            "frequency_penalty",
+        ):
+            if getattr(text, name) is not None:
+                setattr(t, name, getattr(text, name))
+        t.stop.extend(text.stop)
+        fmt = text.response_format
+        if fmt is not None:
+            t.response_format.type = _RESPONSE_FORMAT_TO_PB[fmt.type]
+            if fmt.type is ResponseFormatType.JSON_SCHEMA:
+                schema = t.response_format.json_schema
+                schema.name, schema.description, schema.strict = (
+                    fmt.name,
+                    fmt.description,
+                    fmt.strict,
+                )
+                schema.schema.update(fmt.schema or {})
+    if image != ImageParams():
+        i = pb.image
+        for name in ("width", "height", "steps", "guidance_scale", "seed", "count"):
+            if getattr(image, name) is not None:
+                setattr(i, name, getattr(image, name))
+        i.negative_prompt = image.negative_prompt
+        i.inline_data = image.inline_data
+        if image.format is not None:
+            i.format = _IMAGE_FORMAT_TO_PB[image.format]
+    return pb
+
+
+def _value_to_pb(value: Any) -> struct_pb2.Value:
+    out = struct_pb2.Value()
+    json_format.ParseDict(value, out)
+    return out
+
+
+def chunk_from_stream_pb(message: stream_service_pb2.StreamGenerateResponse) -> Chunk | None:
+    """The domain chunk a stream message carries (None for an error event: the caller raises)."""
+    kind = message.WhichOneof("event")
+    if kind == "text_delta":
+        return TextChunk(message.text_delta.text, tuple(message.text_delta.token_ids))
+    if kind == "tool_call_delta":
+        d = message.tool_call_delta
+        return ToolCallChunk(index=d.index, id=d.id, name=d.name, arguments=d.arguments)
+    if kind == "progress":
+        p = message.progress
+        return ProgressChunk(stage=p.stage, step=p.step, total_steps=p.total_steps)
+    if kind == "artifact":
+        a = message.artifact
+        return ArtifactChunk(data=a.inline_data, mime_type=a.mime_type, kind=a.kind)
+    if kind == "done":
+        d = message.done
+        u = d.usage
+        return DoneChunk(
+            finish_reason=_FINISH_FROM_PB.get(d.finish_reason, FinishReason.STOP),
+            usage=Usage(
+                prompt_tokens=u.prompt_tokens,
+                completion_tokens=u.completion_tokens,
+                steps=u.steps,
+                cached_prompt_tokens=u.cached_prompt_tokens,
+                reasoning_tokens=u.reasoning_tokens,
+            ),
+            stop_sequence=d.stop_sequence,
+            model_version=d.model_version,
+        )
+    return None
+
+
+_FINISH_FROM_PB = {v: k for k, v in _FINISH_TO_PB.items()}
+_TOOL_CHOICE_TO_PB = {
+    ToolChoiceMode.AUTO: generation_pb2.TOOL_CHOICE_MODE_AUTO,
+    ToolChoiceMode.NONE: generation_pb2.TOOL_CHOICE_MODE_NONE,
+    ToolChoiceMode.REQUIRED: generation_pb2.TOOL_CHOICE_MODE_REQUIRED,
+    ToolChoiceMode.FUNCTION: generation_pb2.TOOL_CHOICE_MODE_FUNCTION,
+}
+_RESPONSE_FORMAT_TO_PB = {
+    ResponseFormatType.TEXT: generation_pb2.RESPONSE_FORMAT_TYPE_TEXT,
+    ResponseFormatType.JSON_OBJECT: generation_pb2.RESPONSE_FORMAT_TYPE_JSON_OBJECT,
+    ResponseFormatType.JSON_SCHEMA: generation_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+}
+_IMAGE_DETAIL_TO_PB = {v: k for k, v in _IMAGE_DETAIL.items()}
+_IMAGE_FORMAT_TO_PB = {v: k for k, v in _IMAGE_FORMATS.items()}

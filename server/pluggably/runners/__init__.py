@@ -19,14 +19,16 @@ def _build(provider: str, section: LocalConfig) -> Backend:
     # Imported here: cheap (torch comes with the first model used), but not needed without it.
     from pluggably.runners.local import LocalBackend
 
-    return LocalBackend(section.models, provider=provider)
+    return LocalBackend(section.models, provider=provider, workers=section.workers)
 
 
 def build_local_backend(section: LocalConfig, registry: ModelRegistry | None) -> LocalBackend:
     """The `local` backend over the config's models and the registry's."""
     from pluggably.runners.local import LocalBackend
 
-    return LocalBackend(section.models, registry=registry, provider=LOCAL_PROVIDER)
+    return LocalBackend(
+        section.models, registry=registry, provider=LOCAL_PROVIDER, workers=section.workers
+    )
 
 
 LOCAL_KIND = plugins.register(

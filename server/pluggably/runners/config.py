@@ -33,10 +33,22 @@ class LocalModelConfig(StrictModel):
         raise ValueError("must be 'auto', 'cpu', 'cuda' or 'cuda:<index>'")
 
 
+class WorkersConfig(StrictModel):
+    """Local models in worker processes instead of the gateway's own interpreter."""
+
+    enabled: bool = False
+    # Worker processes at most (one model each); the least recently used idle one is stopped
+    # to start another.
+    max_workers: int = Field(2, ge=1)
+    # torch threads per worker; 0: the cores divided among max_workers.
+    threads_per_worker: int = Field(0, ge=0)
+
+
 class LocalConfig(StrictModel):
     # Empty by default: a gateway configured only for hosted providers serves no local model
     # (the demo model comes from `make run`'s demo config, never from built-in defaults).
     models: list[LocalModelConfig] = Field(default_factory=list)
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
 
     @field_validator("models")
     @classmethod

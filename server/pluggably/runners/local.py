@@ -38,7 +38,8 @@ from pluggably.runners.transformers_text import LocalTextModel, TransformersText
 if TYPE_CHECKING:
     from pluggably.catalog.registry import ModelRecord, ModelRegistry
     from pluggably.core.params import ParameterSpec
-    from pluggably.runners.config import LocalModelConfig
+    from pluggably.runners.config import LocalModelConfig, WorkersConfig
+    from pluggably.runners.pool import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +74,21 @@ class LocalBackend(Backend):
         *,
         registry: ModelRegistry | None = None,
         provider: str = "local",
+        workers: WorkersConfig | None = None,
     ) -> None:
         self.provider = provider
         self.registry = registry
         self._configured = {m.name: _config_entry(m) for m in config_models}
+        # Describes models and their parameters in process (no torch needed); generates in
+        # process too unless worker processes are on.
         self.text = TransformersTextBackend([], provider=provider)
+        self.pool: WorkerPool | None = None
+        if workers is not None and workers.enabled:
+            from pluggably.runners.pool import WorkerPool
+
+            self.pool = WorkerPool(
+                max_workers=workers.max_workers, threads_per_worker=workers.threads_per_worker
+            )
 
     # ---- catalogue -------------------------------------------------------------------------
 
@@ -196,16 +207,26 @@ class LocalBackend(Backend):
         self.text.ensure_model(text_model)
         if self.registry is not None and entry.details.source is not ModelSource.CONFIG:
             self.registry.touch(entry.name)
+        if self.pool is not None:
+            settings = {
+                k: v for k, v in entry.settings.items() if k in _TEXT_SETTINGS and v is not None
+            }
+            settings["path"] = entry.details.path
+            async for chunk in self.pool.generate(entry.name, settings, request):
+                yield chunk
+            return
         async for chunk in self.text.generate(request):
             yield chunk
 
     # ---- what the model manager needs ----------------------------------------------------------
 
     def in_use(self, name: str) -> bool:
-        return self.text.in_use(name)
+        return self.text.in_use(name) or (self.pool is not None and self.pool.in_use(name))
 
-    def release(self, name: str) -> bool:
-        """Frees the runner's hold on `name` (weights, slot); False while it serves."""
+    async def release(self, name: str) -> bool:
+        """Frees the runners' hold on `name` (weights, slot, worker); False while it serves."""
+        if self.pool is not None and not await self.pool.stop(name):
+            return False
         return self.text.drop_model(name)
 
     def is_configured(self, name: str) -> bool:
@@ -224,6 +245,8 @@ class LocalBackend(Backend):
         return await self.text.health()
 
     async def aclose(self) -> None:
+        if self.pool is not None:
+            await self.pool.aclose()
         await self.text.aclose()
         if self.registry is not None:
             self.registry.close()
