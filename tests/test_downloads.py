@@ -412,7 +412,10 @@ async def test_downloads_can_go_to_a_folder_of_their_own(tmp_path: Path, hub, co
             job = await stub.DownloadModel(M.DownloadModelRequest(repo_id="org/tiny"))
             assert (await finished(stub, job.id))[-1].state == (model_pb2.DOWNLOAD_STATE_SUCCEEDED)
             model = await stub.GetModel(M.GetModelRequest(id="local/org/tiny"))
-            assert model.local_path == str(tmp_path / "downloads" / "org" / "tiny")
+            # One folder per commit, so two revisions never share files.
+            assert model.local_path == str(
+                tmp_path / "downloads" / "org" / "tiny" / model.resolved_revision
+            )
             assert model.state == model_pb2.MODEL_STATE_AVAILABLE
             assert not await asyncio.to_thread((tmp_path / "hf-cache").exists)
             # Owned: deleting it removes the folder.
@@ -496,3 +499,123 @@ async def test_a_download_evicts_an_idle_unpinned_model_to_make_room(
             assert eviction.reason
     finally:
         await server.stop(grace=0)
+
+
+# --- What a review found, kept fixed -----------------------------------------------------------
+
+
+async def test_a_running_download_is_counted_once_in_the_budget(
+    tmp_path: Path, hub, config_for
+) -> None:
+    """Its reservation covers it; its registry row must not count a second time."""
+    from pluggably.server import GatewayServer
+
+    hub.add_repo("org/a", {"config.json": b"{}", "w.bin": os.urandom(600_000)})
+    hub.add_repo("org/b", {"config.json": b"{}", "w.bin": os.urandom(600_000)})
+    hub.throttle(500_000)
+    storage = gateway_config(
+        tmp_path, hub, limits={"models_bytes": 1_500_000, "min_free_bytes": 0, "min_idle_s": 0}
+    )
+    server = GatewayServer(config_for([], storage=storage))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = model_service_pb2_grpc.ModelServiceStub(channel)
+            a = await stub.DownloadModel(M.DownloadModelRequest(repo_id="org/a"))
+            await asyncio.sleep(0.3)  # A is transferring, its row in the registry
+            b = await stub.DownloadModel(M.DownloadModelRequest(repo_id="org/b"))
+            hub.throttle(None)
+            for job in (a, b):
+                assert (await finished(stub, job.id))[-1].state == (
+                    model_pb2.DOWNLOAD_STATE_SUCCEEDED
+                )
+    finally:
+        await server.stop(grace=0)
+
+
+async def test_a_failed_job_leaves_another_jobs_files_alone(gateway, hub) -> None:
+    _, stub, _ = gateway
+    weights = os.urandom(BIG)
+    hub.add_repo(
+        "org/big",
+        {"config.json": b"{}", "model.safetensors": weights, "extra.bin": os.urandom(BIG)},
+    )
+    hub.throttle(8_000_000)
+    hub.drop_after("extra.bin", 2**20, reset=True)
+    a = await stub.DownloadModel(
+        M.DownloadModelRequest(repo_id="org/big", allow_patterns=["*.safetensors", "*.json"])
+    )
+    b = await stub.DownloadModel(
+        M.DownloadModelRequest(repo_id="org/big", name="other", allow_patterns=["extra.bin"])
+    )
+    assert (await finished(stub, b.id))[-1].state == model_pb2.DOWNLOAD_STATE_FAILED
+    hub.throttle(None)
+    assert (await finished(stub, a.id))[-1].state == model_pb2.DOWNLOAD_STATE_SUCCEEDED
+    model = await stub.GetModel(M.GetModelRequest(id="local/org/big"))
+    data = await asyncio.to_thread((Path(model.local_path) / "model.safetensors").read_bytes)
+    assert data == weights
+
+
+async def test_cancelling_a_queued_download_is_immediate(tmp_path: Path, hub, config_for) -> None:
+    from pluggably.server import GatewayServer
+
+    hub.add_repo("org/a", {"config.json": b"{}", "w.bin": os.urandom(2_000_000)})
+    hub.add_repo("org/b", {"config.json": b"{}", "w.bin": os.urandom(1000)})
+    hub.throttle(200_000)
+    storage = gateway_config(tmp_path, hub)
+    storage["hub"]["max_concurrent"] = 1
+    server = GatewayServer(config_for([], storage=storage))
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = model_service_pb2_grpc.ModelServiceStub(channel)
+            a = await stub.DownloadModel(M.DownloadModelRequest(repo_id="org/a"))
+            b = await stub.DownloadModel(M.DownloadModelRequest(repo_id="org/b"))
+            assert b.state == model_pb2.DOWNLOAD_STATE_QUEUED
+            started = asyncio.get_running_loop().time()
+            cancelled = await stub.CancelDownload(M.CancelDownloadRequest(id=b.id))
+            assert cancelled.state == model_pb2.DOWNLOAD_STATE_CANCELLED
+            assert asyncio.get_running_loop().time() - started < 2
+            await stub.CancelDownload(M.CancelDownloadRequest(id=a.id))
+    finally:
+        await server.stop(grace=0)
+
+
+async def test_a_hub_failure_while_probing_a_gated_repo_is_unavailable(gateway, hub) -> None:
+    _, stub, _ = gateway
+    hub.add_repo("org/gated", {"config.json": b"{}"}, gated=True)
+    hub.fail_status("/org/gated/resolve/", 503, times=5)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.DownloadModel(M.DownloadModelRequest(repo_id="org/gated"))
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_replicas_sharing_storage_join_watch_and_cancel_one_job(
+    tmp_path: Path, hub, config_for
+) -> None:
+    from pluggably.server import GatewayServer
+
+    hub.add_repo("org/big", {"config.json": b"{}", "model.safetensors": os.urandom(BIG)})
+    hub.throttle(1_000_000)
+    storage = gateway_config(tmp_path, hub)
+    first, second = (GatewayServer(config_for([], storage=storage)) for _ in range(2))
+    await first.start()
+    await second.start()
+    try:
+        async with (
+            grpc.aio.insecure_channel(f"127.0.0.1:{first.port}") as c1,
+            grpc.aio.insecure_channel(f"127.0.0.1:{second.port}") as c2,
+        ):
+            one = model_service_pb2_grpc.ModelServiceStub(c1)
+            two = model_service_pb2_grpc.ModelServiceStub(c2)
+            job = await one.DownloadModel(M.DownloadModelRequest(repo_id="org/big"))
+            joined = await two.DownloadModel(M.DownloadModelRequest(repo_id="org/big"))
+            assert joined.id == job.id
+            watch = asyncio.ensure_future(finished(two, job.id))
+            cancelled = await two.CancelDownload(M.CancelDownloadRequest(id=job.id))
+            assert cancelled.state == model_pb2.DOWNLOAD_STATE_CANCELLED
+            updates = await asyncio.wait_for(watch, 15)
+            assert updates[-1].state == model_pb2.DOWNLOAD_STATE_CANCELLED
+    finally:
+        await first.stop(grace=0)
+        await second.stop(grace=0)

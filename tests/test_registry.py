@@ -502,3 +502,21 @@ async def test_delete_without_an_id_through_envoy_is_a_bad_request(gateway, tmp_
                 assert r.status == 200
     finally:
         envoy.stop()
+
+
+def test_a_rescan_never_touches_a_model_being_deleted_or_downloaded(tmp_path: Path) -> None:
+    found = ModelSource.DISCOVERY
+    with ModelRegistry(tmp_path / "r.db") as registry:
+        registry.put(record("m", tmp_path / "m", source=found))
+        registry.set_state("m", ModelState.DELETING)
+        registry.sync(found, [record("m", tmp_path / "m", source=found)])
+        assert registry.get("m").state is ModelState.DELETING  # type: ignore[union-attr]
+
+
+def test_several_processes_opening_a_new_registry_at_once_all_succeed(tmp_path: Path) -> None:
+    db = tmp_path / "fresh.db"
+    code = (
+        f"from pluggably.catalog.registry import ModelRegistry; ModelRegistry({str(db)!r}).close()"
+    )
+    processes = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(8)]
+    assert [p.wait(60) for p in processes] == [0] * 8

@@ -102,6 +102,7 @@ class GatewayServer:
             if self.models is not None:
                 from pluggably.catalog.downloads import DownloadManager
 
+                self.models.recover()
                 self.downloads = DownloadManager(config.storage, self.models, self.storage)
                 await self.downloads.start()
             port = await self._start_grpc(ops)

@@ -26,11 +26,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import glob
 import logging
 import os
 import re
 import shutil
-import socket
 import threading
 import time
 import uuid
@@ -77,7 +77,6 @@ _NOTIFY_EVERY_S = 0.2
 _RATE_WINDOW_S = 5.0
 # Ended jobs kept in memory for Get/Watch; older ones are read back from the database.
 _KEEP_ENDED = 64
-_OWNER = f"{socket.gethostname()}:{os.getpid()}"
 
 
 class DownloadCancelled(Exception):
@@ -114,6 +113,9 @@ class DownloadJob:
     done_bytes: int = 0  # bytes of files finished
     samples: deque[tuple[float, int]] = field(default_factory=deque, repr=False)
     version: int = 0
+    # The cache blob names (etags) of this job's files: all it may remove when it fails.
+    blobs: list[str] = field(default_factory=list, repr=False)
+    foreign: bool = False  # run by another server process sharing the registry
 
     @property
     def ended(self) -> bool:
@@ -159,12 +161,13 @@ class DownloadJob:
             "updated_at": self.updated_at,
             "path": self.path,
             "snapshot_existed": self.snapshot_existed,
+            "blobs": self.blobs,
         }
 
     @classmethod
     def from_document(cls, doc: dict[str, Any]) -> DownloadJob:
         names = {f.name for f in dataclasses.fields(cls) if f.init}
-        runtime = {"files", "cancel_event", "file_progress", "samples", "error"}
+        runtime = {"files", "cancel_event", "file_progress", "samples", "error", "foreign"}
         job = cls(**{k: v for k, v in doc.items() if k in names and k not in runtime})
         error = doc.get("error")
         if error:
@@ -340,16 +343,26 @@ class DownloadManager:
         self._changed: dict[str, asyncio.Event] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock = asyncio.Lock()
+        # Requests being resolved, by key: an identical request waits for the same job.
+        self._pending: dict[
+            tuple[str, str, tuple[str, ...], tuple[str, ...]], asyncio.Future[DownloadJob]
+        ] = {}
+        self._pending_names: set[str] = set()
+        # This manager, as the owner of the jobs it runs: a random id (never reused, unlike a
+        # pid or a container's hostname) whose lock file it holds while it lives.
+        self._owner = uuid.uuid4().hex
+        self._owner_lock = _OwnerLock(Path(storage.root) / "owners", self._owner)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Marks jobs of processes that are gone as FAILED and removes their files."""
         self._loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self._owner_lock.acquire)
         docs = self.models.registry.downloads(states=ACTIVE)
         for doc in docs:
             owner = doc.get("owner", "")
-            if owner == _OWNER or _alive(owner):
+            if owner == self._owner or self._owner_lock.alive(owner):
                 continue
             job = DownloadJob.from_document(doc)
             job.error = Unavailable(
@@ -372,6 +385,7 @@ class DownloadManager:
         for task in tasks:
             with contextlib.suppress(BaseException):
                 await task
+        self._owner_lock.release()
 
     # ---- RPCs ------------------------------------------------------------------------------
 
@@ -391,11 +405,21 @@ class DownloadManager:
         revision = revision or "main"
         name = name or repo_id
         key = (repo_id, revision, tuple(allow_patterns), tuple(ignore_patterns))
-        async with self._lock:
-            for job in self._jobs.values():
-                if not job.ended and job.key() == key:
-                    return job  # joined
-            self._check_name(name)
+        async with self._lock:  # checks and claims only: resolving happens outside
+            joined = self._active(key)
+            if joined is not None:
+                return joined
+            pending = self._pending.get(key)
+            if pending is None:
+                self._check_name(name)
+                pending = self._pending[key] = asyncio.get_running_loop().create_future()
+                self._pending_names.add(name)
+                mine = True
+            else:
+                mine = False
+        if not mine:
+            return await asyncio.shield(pending)
+        try:
             job = DownloadJob(
                 id=uuid.uuid4().hex,
                 repo_id=repo_id,
@@ -412,6 +436,15 @@ class DownloadManager:
             self._register_downloading(job)
             self._save(job)
             self._tasks[job.id] = asyncio.create_task(self._run(job))
+            pending.set_result(job)
+        except BaseException as exc:
+            pending.set_exception(exc)
+            pending.exception()  # retrieved here: waiters, if any, raise it themselves
+            raise
+        finally:
+            async with self._lock:
+                self._pending.pop(key, None)
+                self._pending_names.discard(name)
         log.info(
             "download %s: %s@%s (%d files, %d bytes) as local/%s",
             job.id,
@@ -423,6 +456,21 @@ class DownloadManager:
         )
         return job
 
+    def _active(self, key: tuple[str, str, tuple[str, ...], tuple[str, ...]]) -> DownloadJob | None:
+        """A running job with this key: this process's, or another live server's."""
+        for job in self._jobs.values():
+            if not job.ended and job.key() == key:
+                return job
+        for doc in self.models.registry.downloads(states=ACTIVE):
+            owner = doc.get("owner", "")
+            if owner == self._owner or not self._owner_lock.alive(owner):
+                continue
+            job = DownloadJob.from_document(doc)
+            if job.key() == key:
+                job.foreign = True
+                return job
+        return None
+
     def get(self, job_id: str) -> DownloadJob:
         if not job_id:
             raise InvalidArgument([FieldViolation("id", "required: a download id")])
@@ -430,9 +478,11 @@ class DownloadManager:
         if job is not None:
             return job
         if re.fullmatch(r"[0-9a-f]{32}", job_id or ""):
-            for doc in self.models.registry.downloads():
-                if doc["id"] == job_id:
-                    return DownloadJob.from_document(doc)
+            doc = self.models.registry.download(job_id)
+            if doc is not None:
+                job = DownloadJob.from_document(doc)
+                job.foreign = doc.get("owner") != self._owner
+                return job
         raise NotFound(
             "no such download",
             resource_type="download",
@@ -454,7 +504,16 @@ class DownloadManager:
         """The job now, then at every change (progress at most every 0.2 s), until it ends."""
         job = self.get(job_id)
         yield job
-        if job.ended or job.id not in self._changed:
+        if job.id not in self._changed:
+            # Another process runs it (or it ended before this process started): follow what
+            # it saves until it ends.
+            last = job.document()
+            while not job.ended:
+                await asyncio.sleep(_NOTIFY_EVERY_S * 2.5)
+                job = self.get(job_id)
+                if job.document() != last:
+                    last = job.document()
+                    yield job
             return
         seen = job.version
         while not job.ended:
@@ -469,11 +528,20 @@ class DownloadManager:
         job = self.get(job_id)
         if job.ended:
             return job
+        if job.id not in self._tasks:  # another process runs it: ask it to stop
+            self.models.registry.request_cancel(job.id)
+            for _ in range(50):
+                await asyncio.sleep(0.2)
+                job = self.get(job_id)
+                if job.ended:
+                    break
+            return job
         job.cancel_event.set()
-        task = self._tasks.get(job.id)
-        if task is not None:
-            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(task), 10)
+        task = self._tasks[job.id]
+        if job.state == QUEUED:
+            task.cancel()  # still waiting for a slot: nothing is transferring
+        with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+            await asyncio.wait_for(asyncio.shield(task), 10)
         return job
 
     # ---- steps -----------------------------------------------------------------------------
@@ -585,6 +653,12 @@ class DownloadManager:
             # so a caller without access hears it from DownloadModel, not from a failed job.
             await self._probe_access(job, siblings[0].rfilename)
         job.files = [(s.rfilename, int(s.size or 0)) for s in siblings]
+        # The names their blobs get in the cache: the sha256 of an LFS file, else the git blob id.
+        job.blobs = [
+            etag
+            for s in siblings
+            if (etag := (s.lfs.sha256 if s.lfs is not None else s.blob_id) or "")
+        ]
         job.total_files = len(job.files)
         job.total_bytes = sum(size for _, size in job.files)
         job.path = str(self._target(job))
@@ -608,10 +682,13 @@ class DownloadManager:
                 reason="REPO_GATED",
                 metadata={"repo_id": job.repo_id},
             ) from None
+        except Exception as exc:
+            raise _transfer_error(exc) from None
 
     def _target(self, job: DownloadJob) -> Path:
         if self.config.downloads_dir is not None:
-            return Path(self.config.downloads_dir) / job.repo_id
+            # One folder per commit: two revisions of a repo never share (or delete) files.
+            return Path(self.config.downloads_dir) / job.repo_id / job.revision
         folder = "models--" + job.repo_id.replace("/", "--")
         return Path(self.config.hf_cache) / folder / "snapshots" / job.revision
 
@@ -655,7 +732,7 @@ class DownloadManager:
     def _save(self, job: DownloadJob) -> None:
         job.updated_at = time.time()
         self.models.registry.save_download(
-            job.id, job.state, _OWNER, job.created_at, job.document()
+            job.id, job.state, self._owner, job.created_at, job.document()
         )
 
     def _changed_now(self, job: DownloadJob) -> None:
@@ -668,12 +745,21 @@ class DownloadManager:
         reservation = self._reservations.pop(job.id, None)
         try:
             async with self._slots:
+                job.check()  # cancelled while it waited for the slot
                 job.state = RUNNING
                 self._save(job)
                 self._changed_now(job)
                 progress = asyncio.create_task(self._report(job))
+                transfer = asyncio.ensure_future(asyncio.to_thread(self._transfer, job))
                 try:
-                    await asyncio.to_thread(self._transfer, job)
+                    await asyncio.shield(transfer)
+                except asyncio.CancelledError:
+                    # Shutdown: stop the thread and let it finish writing before cleaning up,
+                    # or a file it completes afterwards would stay behind unregistered.
+                    job.cancel_event.set()
+                    with contextlib.suppress(BaseException):
+                        await transfer
+                    raise
                 finally:
                     progress.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -723,7 +809,7 @@ class DownloadManager:
                     filename,
                     revision=job.revision,
                     cache_dir=None if local_dir else self.config.hf_cache,
-                    local_dir=Path(local_dir) / job.repo_id if local_dir else None,
+                    local_dir=job.path if local_dir else None,
                     endpoint=self.config.hub.endpoint,
                     token=token,
                     etag_timeout=self.config.hub.timeout_s,
@@ -741,9 +827,15 @@ class DownloadManager:
             refs.write_text(job.revision)
 
     async def _report(self, job: DownloadJob) -> None:
+        ticks = 0
         while True:
             self._update_progress(job)
             self._changed_now(job)
+            ticks += 1
+            if ticks % 5 == 0:
+                self._save(job)  # other processes watching it see the progress
+                if self.models.registry.cancel_requested(job.id):
+                    job.cancel_event.set()
             await asyncio.sleep(_NOTIFY_EVERY_S)
 
     def _update_progress(self, job: DownloadJob) -> None:
@@ -806,10 +898,23 @@ class DownloadManager:
         repo_dir = Path(self.config.hf_cache) / ("models--" + job.repo_id.replace("/", "--"))
         blobs = repo_dir / "blobs"
         if blobs.is_dir():
-            for partial in blobs.glob("*.incomplete"):
-                with contextlib.suppress(FileNotFoundError):
-                    partial.unlink()
-        if not job.snapshot_existed and job.revision and Path(job.path).exists():
+            for etag in job.blobs:  # this job's files only: others may be downloading theirs
+                for partial in blobs.glob(f"{glob.escape(etag)}*.incomplete"):
+                    with contextlib.suppress(FileNotFoundError):
+                        partial.unlink()
+        shared = any(
+            other is not job
+            and not other.ended
+            and other.repo_id == job.repo_id
+            and other.revision == job.revision
+            for other in self._jobs.values()
+        ) or any(
+            doc.get("id") != job.id
+            and doc.get("repo_id") == job.repo_id
+            and doc.get("revision") == job.revision
+            for doc in self.models.registry.downloads(states=ACTIVE)
+        )
+        if not shared and not job.snapshot_existed and job.revision and Path(job.path).exists():
             from pluggably.catalog.manager import delete_cache_revision
 
             try:
@@ -865,16 +970,46 @@ def _tree_bytes(path: Path) -> int:
     return total
 
 
-def _alive(owner: str) -> bool:
-    """Whether the process that owns a job still runs (on this host; another host's: assume
-    so, it will mark its own jobs)."""
-    host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
+class _OwnerLock:
+    """Says whether the server process that owns a job still lives: each process holds an
+    exclusive lock on a file named after its owner id while it runs; the lock goes with the
+    process, however it ends."""
+
+    def __init__(self, folder: Path, owner: str) -> None:
+        self.folder = folder
+        self.owner = owner
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.folder / f"{self.owner}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.folder / f"{self.owner}.lock")
+            os.close(self._fd)
+            self._fd = None
+
+    def alive(self, owner: str) -> bool:
+        import fcntl
+
+        if not re.fullmatch(r"[0-9a-f]{32}", owner or ""):
+            return False  # not an owner id this version writes
+        path = self.folder / f"{owner}.lock"
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            path.unlink()  # the owner is gone: its lock file with it
         return False
-    except PermissionError:
-        return True
-    return True

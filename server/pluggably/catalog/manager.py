@@ -74,6 +74,16 @@ class ModelManager:
             raise ModelNotFound(model_id)
         return record
 
+    def recover(self) -> None:
+        """At start: a delete interrupted by a crash left its model DELETING; say so."""
+        for record in self.registry.all():
+            if record.state is ModelState.DELETING:
+                self.registry.set_state(
+                    record.name,
+                    ModelState.ERROR,
+                    "a deletion was interrupted; delete it again to finish",
+                )
+
     # ---- discovery -----------------------------------------------------------------------------
 
     async def rescan(self) -> tuple[list[str], list[str]]:
@@ -180,12 +190,12 @@ class ModelManager:
             self.registry.set_state(name, ModelState.DELETING)
             try:
                 freed = await asyncio.to_thread(self._remove_files, record)
-            except OSError as exc:
-                self.registry.set_state(
-                    name, ModelState.ERROR, f"deleting its files failed: {exc.strerror or exc}"
-                )
+            except Exception as exc:  # whatever it was, the row must not stay DELETING
+                why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                why = why or type(exc).__name__
+                self.registry.set_state(name, ModelState.ERROR, f"deleting its files failed: {why}")
                 raise FailedPrecondition(
-                    f"could not delete the files of {model_id}: {exc.strerror or exc}",
+                    f"could not delete the files of {model_id}: {why}",
                     reason="MODEL_DELETE_FAILED",
                 ) from None
             self.registry.remove(name)
@@ -244,6 +254,9 @@ def delete_cache_revision(cache: Path, repo_id: str, revision: str) -> int:
     blobs that no other revision uses, its snapshot folder and refs pointing at it."""
     from huggingface_hub import scan_cache_dir
 
+    repo_dir = cache / ("models--" + repo_id.replace("/", "--"))
+    if not repo_dir.exists():
+        return 0  # nothing of it is left
     info = scan_cache_dir(cache)
     commits = {
         rev.commit_hash
@@ -253,7 +266,12 @@ def delete_cache_revision(cache: Path, repo_id: str, revision: str) -> int:
         if not revision or rev.commit_hash == revision
     }
     if not commits:
-        return 0
+        # huggingface_hub could not read this revision (a broken link): remove its snapshot
+        # folder ourselves; unreferenced blobs are left for a later prune.
+        snapshot = repo_dir / "snapshots" / revision
+        if revision and snapshot.is_dir():
+            return _remove_tree(snapshot)
+        raise FileNotFoundError(f"revision {revision or '?'} of {repo_id} is not in the cache")
     strategy = info.delete_revisions(*commits)
     freed = strategy.expected_freed_size
     strategy.execute()

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pluggably.core import sqlite as sqlite_store
+from pluggably.core.errors import Unavailable
 from pluggably.core.types import (
     LocalDetails,
     Modality,
@@ -86,6 +87,10 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )
         """,
         "CREATE INDEX downloads_by_created ON downloads (created_at, id)",
+    ),
+    (
+        # Set by any process; the job's owner polls it and stops the transfer.
+        "ALTER TABLE downloads ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0",
     ),
 )
 
@@ -295,15 +300,24 @@ class ModelRegistry:
     # -- writing -------------------------------------------------------------------------------
 
     def _write(self, statements: Iterable[tuple[str, tuple[Any, ...]]]) -> None:
+        """Runs `statements` in one transaction; UNAVAILABLE when another process holds the
+        write lock for longer than the busy timeout."""
         with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")
             try:
-                for sql, args in statements:
-                    self._conn.execute(sql, args)
-                self._conn.execute("COMMIT")
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for sql, args in statements:
+                        self._conn.execute(sql, args)
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    self._conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as exc:
+                raise Unavailable(
+                    f"the model registry is busy ({exc}); retry shortly",
+                    retry_after_s=1.0,
+                    reason="REGISTRY_BUSY",
+                ) from None
             self._reload()
         for listener in self._listeners:
             listener()
@@ -346,11 +360,20 @@ class ModelRegistry:
             if current is None:
                 return None
             changed = replace(current, **changes, updated_at=self._clock())
-            assignments = ", ".join(f"{c} = ?" for c in _COLUMNS[1:])
+            # Only the columns that change: a concurrent change of another column by another
+            # process (a pin, a last use) is not overwritten with this process's stale copy.
+            row = dict(zip(_COLUMNS, _to_row(changed), strict=True))
+            columns = [c for c in _COLUMNS[1:] if c in changes or c == "updated_at"]
+            assignments = ", ".join(f"{c} = ?" for c in columns)
             self._write(
-                [(f"UPDATE models SET {assignments} WHERE name = ?", (*_to_row(changed)[1:], name))]
+                [
+                    (
+                        f"UPDATE models SET {assignments} WHERE name = ?",
+                        (*(row[c] for c in columns), name),
+                    )
+                ]
             )
-            return changed
+            return self._records.get(name, changed)
 
     def set_state(self, name: str, state: ModelState, reason: str = "") -> ModelRecord | None:
         return self.update(name, state=state, state_reason=reason)
@@ -372,11 +395,31 @@ class ModelRegistry:
         self, job_id: str, state: str, owner: str, created_at: float, document: Mapping[str, Any]
     ) -> None:
         with self._lock:
+            # An upsert, not a replace: a cancel requested by another process must survive.
             self._conn.execute(
-                "INSERT OR REPLACE INTO downloads (id, state, owner, created_at, document) "
-                "VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO downloads (id, state, owner, created_at, document) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                "state = excluded.state, owner = excluded.owner, document = excluded.document",
                 (job_id, state, owner, created_at, json.dumps(dict(document), sort_keys=True)),
             )
+
+    def download(self, job_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT owner, document FROM downloads WHERE id = ?", (job_id,)
+            ).fetchone()
+        return None if row is None else {**json.loads(row[1]), "owner": row[0]}
+
+    def request_cancel(self, job_id: str) -> None:
+        with self._lock:
+            self._conn.execute("UPDATE downloads SET cancel_requested = 1 WHERE id = ?", (job_id,))
+
+    def cancel_requested(self, job_id: str) -> bool:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT cancel_requested FROM downloads WHERE id = ?", (job_id,)
+            ).fetchone()
+        return bool(row and row[0])
 
     def downloads(self, *, states: Iterable[str] = ()) -> list[dict[str, Any]]:
         """Saved download jobs, newest first (each the document it was saved with, plus its
@@ -390,10 +433,17 @@ class ModelRegistry:
             rows = self._conn.execute(sql, wanted).fetchall()
         return [{**json.loads(document), "owner": owner} for owner, document in rows]
 
+    def touch_due(self, name: str) -> bool:
+        """Whether `touch(name)` would write now (callers on the event loop then run it in a
+        thread: a write may wait for another process's lock)."""
+        return self._clock() - self._last_used_written.get(name, float("-inf")) >= (
+            LAST_USED_RESOLUTION_S
+        )
+
     def touch(self, name: str) -> None:
         """Records that `name` served a request (at most once a minute per model: advisory)."""
         now = self._clock()
-        if now - self._last_used_written.get(name, float("-inf")) < LAST_USED_RESOLUTION_S:
+        if not self.touch_due(name):
             return
         self._last_used_written[name] = now
         try:
@@ -414,31 +464,61 @@ class ModelRegistry:
         """
         added: list[ModelRecord] = []
         removed: list[ModelRecord] = []
+        statements: list[tuple[str, tuple[Any, ...]]] = []
         wanted = {r.name: r for r in records}
+        busy = (ModelState.DOWNLOADING, ModelState.DELETING)  # owned by a job in progress
+        placeholders = ", ".join("?" for _ in _COLUMNS)
+        now = self._clock()
         with self._lock:
             self._refresh()
             for name, record in wanted.items():
                 current = self._records.get(name)
-                if current is not None and _same_files(current, record):
+                if current is not None and (
+                    current.state in busy
+                    or _SOURCE_RANK[current.source] > _SOURCE_RANK[record.source]
+                    or _same_files(current, record)
+                ):
                     continue
-                stored = self.put(record)
-                if stored is not None and current is None:
+                stored = replace(
+                    record,
+                    created_at=current.created_at if current else (record.created_at or now),
+                    pinned=record.pinned or (current.pinned if current else False),
+                    last_used_at=current.last_used_at if current else record.last_used_at,
+                    updated_at=now,
+                )
+                statements.append(
+                    (
+                        f"INSERT OR REPLACE INTO models ({', '.join(_COLUMNS)}) "
+                        f"VALUES ({placeholders})",
+                        _to_row(stored),
+                    )
+                )
+                if current is None:
                     added.append(stored)
-            for current in list(self._records.values()):
+            for current in self._records.values():
                 if current.source is not source or current.name in wanted:
                     continue
-                if current.state in (ModelState.DOWNLOADING, ModelState.DELETING):
-                    continue  # owned by a job in progress
+                if current.state in busy:
+                    continue
                 if current.pinned:
                     if current.state is not ModelState.ERROR:
-                        self.set_state(
-                            current.name,
-                            ModelState.ERROR,
-                            f"the files of this pinned model are gone from {current.path}",
+                        statements.append(
+                            (
+                                "UPDATE models SET state = ?, state_reason = ?, updated_at = ? "
+                                "WHERE name = ?",
+                                (
+                                    ModelState.ERROR.value,
+                                    f"the files of this pinned model are gone from {current.path}",
+                                    now,
+                                    current.name,
+                                ),
+                            )
                         )
                     continue
-                self.remove(current.name)
+                statements.append(("DELETE FROM models WHERE name = ?", (current.name,)))
                 removed.append(current)
+            if statements:  # one transaction, one reload, however many rows changed
+                self._write(statements)
         return added, removed
 
 

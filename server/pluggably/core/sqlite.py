@@ -11,6 +11,7 @@ newer version is refused rather than guessed at.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -44,7 +45,19 @@ def connect(
         raise SchemaError(f"cannot open {what} {path}: {exc}") from None
     try:
         conn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
-        conn.execute("PRAGMA journal_mode = WAL")
+        # Switching a new file to WAL ignores the busy timeout: several processes opening the
+        # same new file at once may see "locked" here; wait like the timeout would.
+        deadline = time.monotonic() + busy_timeout_ms / 1000
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
         conn.execute(f"PRAGMA synchronous = {synchronous}")
     except sqlite3.Error as exc:
         conn.close()

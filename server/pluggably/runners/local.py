@@ -205,8 +205,13 @@ class LocalBackend(Backend):
                 reason="MODEL_UNSERVABLE",
             )
         self.text.ensure_model(text_model)
-        if self.registry is not None and entry.details.source is not ModelSource.CONFIG:
-            self.registry.touch(entry.name)
+        registry = self.registry
+        if (
+            registry is not None
+            and entry.details.source is not ModelSource.CONFIG
+            and registry.touch_due(entry.name)
+        ):
+            asyncio.get_running_loop().run_in_executor(None, registry.touch, entry.name)
         if self.pool is not None:
             settings = {
                 k: v for k, v in entry.settings.items() if k in _TEXT_SETTINGS and v is not None

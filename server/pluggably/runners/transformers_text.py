@@ -312,7 +312,8 @@ class TransformersTextBackend(Backend):
             return False
         loading = slot.load_task is not None and not slot.load_task.done()
         busy = slot.admission.running > 0 or slot.admission.waiting > 0
-        return loading or busy or any(job.slot is slot for job in self._jobs)
+        # A copy: generation threads remove their jobs from the set as they end.
+        return loading or busy or any(job.slot is slot for job in list(self._jobs))
 
     def files_read(self, name: str) -> bool:
         """Whether `describe(name)` would answer without reading files."""

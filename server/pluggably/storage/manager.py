@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pluggably.core.errors import FailedPrecondition
+from pluggably.core.types import ModelState
 from pluggably.storage.artifacts import ArtifactStore, FilesystemArtifactStore
 from pluggably.storage.budget import Category, DiskBudget, EvictionCandidate, Usage
 
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _MODEL_PREFIX = "local/"
+# Models that may be removed to make room: never one being downloaded or deleted.
+_EVICTABLE_STATES = frozenset({ModelState.AVAILABLE, ModelState.UNSERVABLE, ModelState.ERROR})
 # Seconds between retention passes over the artifact store.
 RETENTION_INTERVAL_S = 60.0
 
@@ -79,7 +83,9 @@ class StorageManager:
         if self.models is None:
             return []
         return [
-            (r.name, r.size_bytes) for r in self.models.registry.all() if self.models.may_delete(r)
+            (r.name, r.size_bytes)
+            for r in self.models.registry.all()
+            if r.state is not ModelState.DOWNLOADING and self.models.may_delete(r)
         ]
 
     def _measure(self) -> Mapping[Category, int]:
@@ -135,8 +141,10 @@ class StorageManager:
         if Category.MODELS in wanted and self.models is not None:
             manager = self.models
             for record in manager.registry.all():
-                if not manager.may_delete(record) or (
-                    manager.local is not None and manager.local.is_configured(record.name)
+                if (
+                    record.state not in _EVICTABLE_STATES
+                    or not manager.may_delete(record)
+                    or (manager.local is not None and manager.local.is_configured(record.name))
                 ):
                     continue
                 out.append(
@@ -200,7 +208,13 @@ class StorageManager:
         """Deletes one candidate (a budget's `evict` callback); the bytes freed."""
         if candidate.category is Category.MODELS:
             assert self.models is not None
-            freed = await self.models.delete(candidate.id)
+            try:
+                freed = await self.models.delete(candidate.id)
+            except FailedPrecondition as exc:
+                # It became busy, pinned or is being deleted since the candidates were listed:
+                # it stays, and the budget, measuring again, refuses if the room is not there.
+                log.info("storage: kept %s: %s", candidate.id, exc.message)
+                return 0
         else:
             freed = await self.artifacts.delete(candidate.id)
         log.info("storage: removed %s (%d bytes)", candidate.id, freed)
