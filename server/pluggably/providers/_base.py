@@ -2,6 +2,11 @@
 API key, the request loop with retries and the circuit breaker, and the exchange over the shared
 HTTP transport. An adapter supplies the wire format: request bodies, response and stream
 decoding, error bodies, model listing.
+
+A model's modality (text or image) comes from its traits; an image model's request goes through
+the same loop (retries, breaker, fallbacks) as a text one. Files a provider links to instead of
+sending (generated images as URLs) are fetched on the provider's connection pool by
+`fetch_file`, which sends the provider's credentials to the provider's own origin only.
 """
 
 from __future__ import annotations
@@ -11,8 +16,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncGenerator, Iterable, Mapping
-from typing import Any, ClassVar, Protocol
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import orjson
 
@@ -32,6 +37,7 @@ from pluggably.providers._errors import (
     UpstreamError,
     UpstreamFailure,
     bad_response,
+    connection_failure,
     scrub,
     upstream_failure,
 )
@@ -43,6 +49,7 @@ from pluggably.providers.config import HostedProviderConfig
 log = logging.getLogger("pluggably.providers")
 
 _LIST_RETRY_S = 60.0
+_T = TypeVar("_T")
 
 
 class StreamDecoder(Protocol):
@@ -61,6 +68,7 @@ class ModelTraits:
     capabilities: Capabilities
     context_length: int = 0
     description: str = ""
+    modality: Modality = Modality.TEXT
 
 
 class HostedBackend(Backend, abc.ABC):
@@ -157,7 +165,7 @@ class HostedBackend(Backend, abc.ABC):
         return ModelInfo(
             provider=self.provider,
             name=model.name,
-            modality=Modality.TEXT,
+            modality=traits.modality,
             description=model.description or traits.description,
             context_length=model.context_length or traits.context_length,
             capabilities=caps,
@@ -180,7 +188,7 @@ class HostedBackend(Backend, abc.ABC):
         return ModelInfo(
             provider=self.provider,
             name=name,
-            modality=Modality.TEXT,
+            modality=traits.modality,
             description=description or traits.description,
             context_length=context_length or traits.context_length,
             capabilities=caps,
@@ -230,17 +238,21 @@ class HostedBackend(Backend, abc.ABC):
         key = (model.name, model.capabilities.max_output_tokens)
         specs = self._parameters.get(key)
         if specs is None:
-            defaults = {}
-            default_max = self.default_max_tokens(model)
-            if default_max:
-                defaults["max_tokens"] = default_max
-            specs = parameters_for(
-                model.modality, self.supported_parameters(model), self.PARAMETER_RANGES, **defaults
-            )
+            specs = self.build_parameters(model)
             if len(self._parameters) > 4096:  # unlisted names are unbounded
                 self._parameters.clear()
             self._parameters[key] = specs
         return specs
+
+    def build_parameters(self, model: ModelInfo) -> list[ParameterSpec]:
+        """The parameter specs of `model` (cached by `parameters`)."""
+        defaults = {}
+        default_max = self.default_max_tokens(model)
+        if default_max:
+            defaults["max_tokens"] = default_max
+        return parameters_for(
+            model.modality, self.supported_parameters(model), self.PARAMETER_RANGES, **defaults
+        )
 
     def supported_parameters(self, model: ModelInfo) -> Iterable[str]:
         return ("max_tokens", *self.SUPPORTED_PARAMETERS)
@@ -421,20 +433,104 @@ class HostedBackend(Backend, abc.ABC):
                     yield chunk
                 return
             raw = await upstream.read()
-            for chunk in self._decoded(
-                lambda body: self.decode_response(orjson.loads(body), request), raw, info
-            ):
-                yield chunk
+        # Decoded once the response is released: decoding may fetch files the body links to.
+        for chunk in await self.decode_unary(raw, request, info):
+            yield chunk
 
-    def _decoded(self, decode: Any, data: Any, info: ModelInfo) -> list[Chunk]:
+    async def decode_unary(
+        self, raw: bytes, request: GenerationRequest, info: ModelInfo
+    ) -> list[Chunk]:
+        """Chunks of a unary response body; adapters whose bodies link to files (image URLs)
+        override this to fetch them (`fetch_file`)."""
+        return self._decoded(
+            lambda body: self.decode_response(orjson.loads(body), request), raw, info
+        )
+
+    def _decoded(self, decode: Callable[[Any], _T], data: Any, info: ModelInfo) -> _T:
         """`decode(data)`, with anything but a deliberate error turned into a bad response: a
         provider body of an unexpected shape must not surface as INTERNAL."""
         try:
-            return decode(data)  # type: ignore[no-any-return]
+            return decode(data)
         except (UpstreamFailure, PluggablyError):
             raise
         except Exception as exc:
             raise bad_response(self.provider, info.id, _what_broke(exc)) from None
+
+    async def fetch_file(
+        self,
+        url: str,
+        *,
+        model_id: str,
+        deadline: float | None,
+        max_bytes: int,
+        what: str = "a generated file",
+    ) -> bytes:
+        """GETs a file the provider's response links to, on the provider's connection pool,
+        bounded in size and time (the attempt's `total_s` and the caller's deadline).
+
+        The provider's credentials (API key, configured headers) go only to the provider's own
+        origin: a link elsewhere (a storage bucket's signed URL) gets none, and aiohttp drops
+        them on a redirect to another origin. The URL itself never reaches an error message,
+        since a signed URL is a credential too."""
+        import aiohttp
+        from yarl import URL
+
+        try:
+            target = URL(url)
+        except ValueError:
+            target = URL()
+        if target.scheme not in ("http", "https") or not target.host:
+            raise bad_response(self.provider, model_id, f"a link to {what} that is not http(s)")
+        same_origin = target.origin() == URL(self.base_url).origin()
+        headers = {**self.auth_headers(), **self.config.headers} if same_origin else {}
+        loop = asyncio.get_running_loop()
+        total_s = self.config.timeouts.total_s
+        limit_at = loop.time() + total_s
+        if deadline is not None:
+            limit_at = min(limit_at, deadline)
+        pool = self.transport._client()
+        try:
+            async with (
+                asyncio.timeout_at(limit_at),
+                # A session of its own for its default headers; the connections are the pool's.
+                aiohttp.ClientSession(
+                    connector=pool.connector,
+                    connector_owner=False,
+                    headers=headers,
+                    cookie_jar=aiohttp.DummyCookieJar(),
+                    skip_auto_headers=("User-Agent",),
+                    timeout=aiohttp.ClientTimeout(
+                        total=None, sock_connect=self.config.timeouts.connect_s
+                    ),
+                ) as session,
+                session.get(target, allow_redirects=True, max_redirects=3) as response,
+            ):
+                if response.status != 200:
+                    raise bad_response(
+                        self.provider,
+                        model_id,
+                        f"fetching {what} answered HTTP {response.status}",
+                    )
+                if (response.content_length or 0) > max_bytes:
+                    raise bad_response(
+                        self.provider, model_id, f"{what} is larger than {max_bytes} bytes"
+                    )
+                data = bytearray()
+                async for part in response.content.iter_chunked(64 * 1024):
+                    data += part
+                    if len(data) > max_bytes:
+                        raise bad_response(
+                            self.provider, model_id, f"{what} is larger than {max_bytes} bytes"
+                        )
+                return bytes(data)
+        except TimeoutError:
+            raise self.transport.timed_out(
+                model_id, f"fetching {what}", total_s, limit_at, deadline
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise connection_failure(
+                self.provider, model_id, f"fetching {what} failed ({type(exc).__name__})"
+            ) from None
 
     async def get_json(
         self, path: str, params: Mapping[str, str] | None = None, *, what: str = "models"

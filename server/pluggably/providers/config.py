@@ -7,11 +7,13 @@ they take, timeouts, retries and the circuit breaker. Each kind adds its own fie
 from __future__ import annotations
 
 import os
+import re
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from pluggably.core.configmodel import StrictModel
+from pluggably.core.params import IMAGE_PARAMETERS, IMAGE_SIDE_MULTIPLE
 from pluggably.core.types import Capabilities
 
 
@@ -69,6 +71,73 @@ class HostedModelConfig(StrictModel):
     # `max_tokens` used when a request sets none (Anthropic requires one on every request).
     default_max_tokens: int | None = Field(None, ge=1)
     capabilities: CapabilityOverrides = Field(default_factory=CapabilityOverrides)
+
+
+_SIZE = re.compile(r"^([1-9][0-9]*)x([1-9][0-9]*)$")
+_SIDE = next(spec for spec in IMAGE_PARAMETERS if spec.name == "image.width")
+
+
+class ImageModelOverrides(StrictModel):
+    """What an image model takes. Unset fields keep what the gateway knows of the model's family
+    (OpenAI's GPT Image, DALL·E 3, DALL·E 2) or, for other models, the defaults: any size, up to 8
+    images, PNG, `response_format: b64_json`."""
+
+    # The sizes the model renders, "WIDTHxHEIGHT", or "any" (any size within the gateway's range,
+    # sent as WIDTHxHEIGHT). A request for another size is refused with the list.
+    sizes: list[str] | Literal["any"] | None = None
+    # Images per request (`n`).
+    max_count: int | None = Field(None, ge=1)
+    # File formats the model returns; more than png means the endpoint takes `output_format`.
+    formats: list[Literal["png", "jpeg", "webp"]] | None = Field(None, min_length=1)
+    # What to send as `response_format`: b64_json (the image in the response), url (a link the
+    # gateway downloads), or none (the endpoint takes no such field, as GPT Image models).
+    response_format: Literal["b64_json", "url", "none"] | None = None
+    # The longest prompt the model takes, in characters (checked before sending).
+    max_prompt_chars: int | None = Field(None, ge=1)
+
+    @field_validator("sizes")
+    @classmethod
+    def _valid_sizes(cls, sizes: list[str] | str | None) -> list[str] | str | None:
+        if not isinstance(sizes, list):
+            return sizes
+        low, high = int(_SIDE.minimum or 1), int(_SIDE.maximum or 1 << 16)
+        for size in sizes:
+            match = _SIZE.match(size)
+            if match is None:
+                raise ValueError(f"{size!r} is not WIDTHxHEIGHT (e.g. 1024x1024)")
+            for side in map(int, match.groups()):
+                # A size no request could ask for (the shared range and grid) is a config error.
+                if not low <= side <= high or side % IMAGE_SIDE_MULTIPLE:
+                    raise ValueError(
+                        f"{size!r}: sides must be multiples of {IMAGE_SIDE_MULTIPLE} "
+                        f"in [{low}, {high}]"
+                    )
+        if not sizes:
+            raise ValueError('list at least one size, or "any"')
+        return sizes
+
+
+class OpenAIModelConfig(HostedModelConfig):
+    # What the model produces: text (Chat Completions) or image (the Images API,
+    # `POST /images/generations`).
+    modality: Literal["text", "image"] = "text"
+    # Image models only: what the model takes, where its family's defaults do not fit.
+    image: ImageModelOverrides | None = None
+
+    @model_validator(mode="after")
+    def _image_fields_for_image_models(self) -> OpenAIModelConfig:
+        if self.modality == "text" and self.image is not None:
+            raise ValueError("`image` is for models with `modality: image`")
+        if self.modality == "image" and (
+            self.context_length is not None
+            or self.default_max_tokens is not None
+            or self.capabilities != CapabilityOverrides()
+        ):
+            raise ValueError(
+                "context_length, default_max_tokens and capabilities are for text models; an "
+                "image model takes `image:` settings"
+            )
+        return self
 
 
 class HostedProviderConfig(StrictModel):
@@ -132,6 +201,8 @@ class HostedProviderConfig(StrictModel):
 
 class OpenAIConfig(HostedProviderConfig):
     kind: Literal["openai"] = "openai"
+    # Models served under this provider; `modality: image` declares an image model.
+    models: list[OpenAIModelConfig] = Field(default_factory=list)  # type: ignore[assignment]
     # A preset of OpenAI-compatible endpoints (openai, openrouter, groq, ollama, ...: see
     # pluggably.providers.presets); it supplies the defaults of the fields below and above.
     # None: `openai`, or `generic` when `base_url` is set.

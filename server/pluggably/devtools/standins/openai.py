@@ -1,25 +1,35 @@
-"""Stand-in for OpenAI's Chat Completions API (and the servers that copy its wire format).
+"""Stand-in for OpenAI's Chat Completions and Images APIs (and the servers that copy them).
 
-Serves `POST /v1/chat/completions` (unary and SSE), `GET /v1/models` and
-`GET /v1/models/{model}` with OpenAI's bodies, headers and error shapes, and rejects requests
-the way the real API does (unrecognized arguments, role and tool-call ordering rules, strict
-JSON-schema rules, `json_object` without the word "json", context-window overflow, ...).
+Serves `POST /v1/chat/completions` (unary and SSE), `POST /v1/images/generations`,
+`GET /v1/models` and `GET /v1/models/{model}` with OpenAI's bodies, headers and error shapes, and
+rejects requests the way the real API does (unrecognized arguments, role and tool-call ordering
+rules, strict JSON-schema rules, `json_object` without the word "json", context-window overflow,
+image sizes, counts and formats per model, ...).
+
+Images are real files of the size asked for, made without an imaging library: PNG (a grey
+ramp), baseline JPEG and lossless WebP (each one flat colour), a different image for every one
+served (`images` keeps them, in order). GPT Image models answer `b64_json` always (with `usage`);
+DALL·E answers `b64_json` or, with `response_format: url`, a signed link to `/files/...` on the
+stand-in itself (or on `image_url_base`, to imitate a storage host of another origin).
 
 What differs from the real API on purpose: prompt tokens are words (`count_tokens`) plus 85 per
-image, http(s) image URLs are never fetched, `n` must be 1, and `logprobs` is accepted but never
-answered (`"logprobs": null`).
+image, http(s) image URLs are never fetched, chat `n` must be 1, `logprobs` is accepted but never
+answered (`"logprobs": null`), and images are never streamed (`stream: true` is refused).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import math
 import random
 import re
 import secrets
 import string
+import struct
 import time
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,7 +52,51 @@ from pluggably.devtools.standins._base import (
     words,
 )
 
-__all__ = ["DEFAULT_MODELS", "OpenAIModel", "OpenAIStandIn", "sample_from_schema"]
+__all__ = [
+    "DALL_E_2",
+    "DALL_E_3",
+    "DEFAULT_MODELS",
+    "GPT_IMAGE",
+    "ImageRules",
+    "OpenAIModel",
+    "OpenAIStandIn",
+    "image_file",
+    "sample_from_schema",
+]
+
+
+@dataclass(frozen=True)
+class ImageRules:
+    """What an image model of the Images API takes. `family` decides the rest of the request
+    rules: "gpt-image" (base64 always, `output_format`, usage), "dall-e-3" (n=1, style),
+    "dall-e-2"."""
+
+    family: str
+    sizes: tuple[str, ...]
+    default_size: str
+    max_n: int
+    max_prompt_chars: int
+    qualities: tuple[str, ...]
+
+    @property
+    def gpt_image(self) -> bool:
+        return self.family == "gpt-image"
+
+
+GPT_IMAGE = ImageRules(
+    "gpt-image",
+    ("1024x1024", "1024x1536", "1536x1024"),
+    "1024x1024",
+    10,
+    32000,
+    ("low", "medium", "high", "auto"),
+)
+DALL_E_3 = ImageRules(
+    "dall-e-3", ("1024x1024", "1792x1024", "1024x1792"), "1024x1024", 1, 4000, ("standard", "hd")
+)
+DALL_E_2 = ImageRules(
+    "dall-e-2", ("256x256", "512x512", "1024x1024"), "1024x1024", 10, 1000, ("standard",)
+)
 
 
 @dataclass(frozen=True)
@@ -51,7 +105,8 @@ class OpenAIModel:
 
     `version` is the dated snapshot a chat completion reports in `model` (the real API answers
     `gpt-4o-mini` with `gpt-4o-mini-2024-07-18`); `chat=False` lists the model but makes
-    `/v1/chat/completions` refuse it, as the real API refuses embedding and image models.
+    `/v1/chat/completions` refuse it, as the real API refuses embedding and image models;
+    `image` makes it an image model of `/v1/images/generations`.
     """
 
     id: str
@@ -61,6 +116,7 @@ class OpenAIModel:
     chat: bool = True
     owned_by: str = "system"
     created: int = 1_700_000_000
+    image: ImageRules | None = None
 
 
 DEFAULT_MODELS: tuple[OpenAIModel, ...] = (
@@ -81,7 +137,36 @@ DEFAULT_MODELS: tuple[OpenAIModel, ...] = (
         created=1705948997,
     ),
     OpenAIModel(
-        "dall-e-3", context_window=4000, max_output_tokens=0, chat=False, created=1698785189
+        "dall-e-3",
+        context_window=4000,
+        max_output_tokens=0,
+        chat=False,
+        created=1698785189,
+        image=DALL_E_3,
+    ),
+    OpenAIModel(
+        "dall-e-2",
+        context_window=1000,
+        max_output_tokens=0,
+        chat=False,
+        created=1698798177,
+        image=DALL_E_2,
+    ),
+    OpenAIModel(
+        "gpt-image-1",
+        context_window=32000,
+        max_output_tokens=0,
+        chat=False,
+        created=1745517030,
+        image=GPT_IMAGE,
+    ),
+    OpenAIModel(
+        "gpt-image-1-mini",
+        context_window=32000,
+        max_output_tokens=0,
+        chat=False,
+        created=1758845821,
+        image=GPT_IMAGE,
     ),
     # A window small enough that a test can overflow it with a sentence.
     OpenAIModel(
@@ -196,6 +281,21 @@ _ERROR_KINDS: dict[str, tuple[str, str | None]] = {
     "requests": ("requests", "rate_limit_exceeded"),
     "insufficient_quota": ("insufficient_quota", "insufficient_quota"),
     "server_error": ("server_error", None),
+    # Images: DALL·E's and GPT Image's refusals of a prompt or image under the content policy.
+    "content_policy_violation": ("invalid_request_error", "content_policy_violation"),
+    "moderation_blocked": ("image_generation_user_error", "moderation_blocked"),
+}
+# The real wording of errors whose text depends on their code, not their status.
+_CODE_MESSAGES = {
+    "content_policy_violation": (
+        "Your request was rejected as a result of our safety system. Your prompt may contain "
+        "text that is not allowed by our safety system."
+    ),
+    "moderation_blocked": (
+        "Your request was rejected by the safety system. If you believe this is an error, "
+        "contact us at help.openai.com and include the request ID {request_id}. "
+        "safety_violations=[violence]."
+    ),
 }
 _STATUS_KINDS = {
     401: "invalid_api_key",
@@ -364,7 +464,10 @@ def _expect_range(value: float, param: str, low: float | None, high: float | Non
 def _expect_choice(value: Any, allowed: Sequence[str], param: str) -> None:
     if value not in allowed:
         quoted = [f"'{a}'" for a in allowed]
-        listed = quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + f", and {quoted[-1]}"
+        if len(quoted) <= 2:
+            listed = " and ".join(quoted)
+        else:
+            listed = ", ".join(quoted[:-1]) + f", and {quoted[-1]}"
         raise RequestRejected(
             f"Invalid value: {value!r}. Supported values are: {listed}.",
             param=param,
@@ -986,13 +1089,15 @@ def _truncate(text: str, limit: int) -> str:
 
 
 class OpenAIStandIn(StandIn):
-    """OpenAI Chat Completions and Models, as the official API serves them.
+    """OpenAI Chat Completions, Images (generations) and Models, as the official API serves them.
 
-    `models` replaces `DEFAULT_MODELS`; `reject_unknown_fields=False` imitates the
-    OpenAI-compatible servers that ignore arguments they do not know instead of refusing them.
+    `models` replaces `DEFAULT_MODELS` (an `image` rule set makes an image model);
+    `reject_unknown_fields=False` imitates the OpenAI-compatible servers that ignore arguments
+    they do not know instead of refusing them; `image_url_base` is where image links point.
     A `Reply`'s `finish_reason` is OpenAI's (`stop`, `length`, `tool_calls`, `content_filter`);
     `content_filter` empties the content. Fault `error_type`s: an OpenAI error code or type
-    (`rate_limit_exceeded`, `insufficient_quota`, `tokens`, `server_error`, ...).
+    (`rate_limit_exceeded`, `insufficient_quota`, `tokens`, `server_error`, and for images
+    `content_policy_violation` (DALL·E) and `moderation_blocked` (GPT Image), ...).
     """
 
     provider = "openai"
@@ -1005,10 +1110,17 @@ class OpenAIStandIn(StandIn):
         chunk_delay_s: float = 0.0,
         models: Iterable[OpenAIModel] | None = None,
         reject_unknown_fields: bool = True,
+        image_url_base: str | None = None,
     ) -> None:
         super().__init__(api_key=api_key, chunk_delay_s=chunk_delay_s)
         self.models: list[OpenAIModel] = list(DEFAULT_MODELS if models is None else models)
         self.reject_unknown_fields = reject_unknown_fields
+        # Where image links point (None: this stand-in's base_url), e.g. the same server under
+        # another host name, to be another origin.
+        self.image_url_base = image_url_base
+        self.images: list[bytes] = []  # every image served, in order (while recording)
+        self._image_numbers = itertools.count()  # each image differs from the ones before
+        self._files: dict[str, tuple[str, bytes, str]] = {}  # name -> (signature, data, type)
 
     # ---- wiring ----------------------------------------------------------------------------
 
@@ -1029,6 +1141,8 @@ class OpenAIStandIn(StandIn):
     def routes(self) -> Iterable[web.RouteDef]:
         return [
             web.post("/v1/chat/completions", self._chat_completions),
+            web.post("/v1/images/generations", self._images_generations),
+            web.get("/files/{name}", self._file),
             web.get("/v1/models", self._list_models),
             web.get("/v1/models/{model}", self._retrieve_model),
             web.route("*", "/{tail:.*}", self._invalid_url),
@@ -1047,6 +1161,8 @@ class OpenAIStandIn(StandIn):
         if message == _DEFAULT_MESSAGES.get(status) and status in _OPENAI_MESSAGES:
             message = _OPENAI_MESSAGES[status]
         type_, code = _error_kind(status, error_type)
+        if code in _CODE_MESSAGES and message == _DEFAULT_MESSAGES.get(status):
+            message = _CODE_MESSAGES[code].format(request_id=_random_id("", 32).lower())
         if code == "insufficient_quota" and message == _OPENAI_MESSAGES.get(429):
             message = (
                 "You exceeded your current quota, please check your plan and billing "
@@ -1302,6 +1418,70 @@ class OpenAIStandIn(StandIn):
         await writer.terminate(writer.frame(b"[DONE]"))
         return writer.response
 
+    # ---- images ----------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        super().reset()
+        self.images.clear()
+        self._files.clear()
+
+    async def _images_generations(self, request: web.Request) -> web.Response:
+        denied = self._unauthorized(request)
+        if denied is not None:
+            return denied
+        try:
+            asked = _read_image_request(
+                request[JSON_BODY], self.models, reject_unknown=self.reject_unknown_fields
+            )
+        except RequestRejected as err:
+            return self._rejected(err)
+        width, height = (int(side) for side in asked.size.split("x"))
+        data = []
+        for _ in range(asked.n):
+            image = image_file(asked.output_format, width, height, next(self._image_numbers))
+            if self.record:  # off in the bench, where nobody reads them
+                self.images.append(image)
+            entry: dict[str, Any] = (
+                {"url": self._link(image, asked.output_format)}
+                if asked.response_format == "url"
+                else {"b64_json": base64.b64encode(image).decode()}
+            )
+            if asked.rules.family == "dall-e-3":
+                entry["revised_prompt"] = asked.prompt  # the stand-in keeps the prompt as it is
+            data.append(entry)
+        body: dict[str, Any] = {"created": int(time.time()), "data": data}
+        if asked.rules.gpt_image:
+            body.update(
+                background=asked.background,
+                output_format=asked.output_format,
+                quality=asked.quality,
+                size=asked.size,
+                usage=_image_usage(asked),
+            )
+        return self._json(body)
+
+    def _link(self, image: bytes, file_format: str) -> str:
+        """A signed link to `image`, the way DALL·E's storage URLs look (only the last 64)."""
+        name = f"img-{_random_id('', 24)}.{file_format}"
+        signature = secrets.token_urlsafe(24)
+        self._files[name] = (signature, image, f"image/{file_format}")
+        while len(self._files) > 64:
+            del self._files[next(iter(self._files))]
+        base = self.image_url_base or self.base_url
+        return f"{base}/files/{name}?st=2026-01-01T00%3A00%3A00Z&sp=r&sig={signature}"
+
+    async def _file(self, request: web.Request) -> web.Response:
+        stored = self._files.get(request.match_info["name"])
+        if stored is None or request.query.get("sig") != stored[0]:
+            # What a storage host answers a wrong or expired signature: no JSON error body.
+            return web.Response(
+                status=403,
+                body=b'<?xml version="1.0" encoding="utf-8"?><Error><Code>'
+                b"AuthenticationFailed</Code></Error>",
+                content_type="application/xml",
+            )
+        return web.Response(body=stored[1], content_type=stored[2])
+
 
 class _ChunkFramer:
     """Builds `chat.completion.chunk` objects sharing one id, timestamp and model."""
@@ -1334,3 +1514,291 @@ class _ChunkFramer:
 
     def usage(self, usage: dict[str, Any]) -> dict:
         return self._chunk([], usage)
+
+
+# ---- images --------------------------------------------------------------------------------
+
+# Every argument of `/v1/images/generations`; anything else is refused by name.
+IMAGE_ARGUMENTS = frozenset(
+    {
+        "model",
+        "prompt",
+        "background",
+        "moderation",
+        "n",
+        "output_compression",
+        "output_format",
+        "partial_images",
+        "quality",
+        "response_format",
+        "safety_identifier",
+        "size",
+        "stream",
+        "style",
+        "user",
+    }
+)
+# What only GPT Image models take, and what only DALL·E takes (the others refuse it by name).
+_GPT_IMAGE_ONLY = (
+    "background",
+    "moderation",
+    "output_compression",
+    "output_format",
+    "partial_images",
+    "stream",
+)
+_DALL_E_ONLY = ("response_format", "style")
+# Every size DALL·E knows; one outside this list fails schema validation, another model's size
+# fails the model's own check.
+_DALL_E_SIZES = ("256x256", "512x512", "1024x1024", "1024x1792", "1792x1024")
+# GPT Image output tokens per image, by quality and size (square, or the two portrait/landscape).
+_GPT_IMAGE_TOKENS = {"low": (272, 408), "medium": (1056, 1584), "high": (4160, 6240)}
+
+
+@dataclass
+class ImageRequest:
+    model: OpenAIModel
+    rules: ImageRules
+    prompt: str
+    n: int
+    size: str
+    quality: str
+    output_format: str
+    response_format: str
+    background: str
+
+
+def _unknown_parameter(name: str) -> RequestRejected:
+    return RequestRejected(f"Unknown parameter: '{name}'.", param=name, code="unknown_parameter")
+
+
+def _read_image_request(
+    body: Any, models: Sequence[OpenAIModel], *, reject_unknown: bool
+) -> ImageRequest:
+    """Validates an Images API body in the order the real API does."""
+    if not isinstance(body, dict):
+        raise RequestRejected(_UNPARSABLE_JSON)
+    if reject_unknown:
+        for name in body:
+            if name not in IMAGE_ARGUMENTS:
+                raise _unknown_parameter(name)
+    if body.get("model") is None:
+        raise _missing("model")
+    _expect(body["model"], "string", "model")
+    if body.get("prompt") is None:
+        raise _missing("prompt")
+    _expect(body["prompt"], "string", "prompt")
+    model = next((m for m in models if m.id == body["model"]), None)
+    if model is None:
+        raise RequestRejected(
+            f"The model `{body['model']}` does not exist or you do not have access to it.",
+            status=404,
+            code="model_not_found",
+        )
+    if model.image is None:
+        _expect_choice(body["model"], [m.id for m in models if m.image is not None], "model")
+    rules = model.image
+    assert rules is not None
+    for name in _GPT_IMAGE_ONLY if not rules.gpt_image else _DALL_E_ONLY:
+        if body.get(name) is not None and not (name == "style" and rules.family == "dall-e-3"):
+            raise _unknown_parameter(name)
+
+    prompt = body["prompt"]
+    if not prompt:
+        raise RequestRejected(
+            "Invalid 'prompt': empty string. Expected a string with minimum length 1, but got "
+            "an empty string instead.",
+            param="prompt",
+            code="empty_string",
+        )
+    if len(prompt) > rules.max_prompt_chars:
+        raise RequestRejected(
+            f"Invalid 'prompt': string too long. Expected a string with maximum length "
+            f"{rules.max_prompt_chars}, but got a string with length {len(prompt)} instead.",
+            param="prompt",
+            code="string_above_max_length",
+        )
+    n = body.get("n")
+    if n is None:
+        n = 1
+    _expect(n, "integer", "n")
+    _expect_range(n, "n", 1, 10)
+    if n > rules.max_n:
+        raise RequestRejected("You must provide n=1 for this model.")
+
+    size = body.get("size")
+    if size is None or (size == "auto" and rules.gpt_image):
+        size = rules.default_size
+    _expect(size, "string", "size")
+    if rules.gpt_image:
+        _expect_choice(size, (*rules.sizes, "auto"), "size")
+    elif size not in _DALL_E_SIZES:
+        listed = ", ".join(f"'{s}'" for s in _DALL_E_SIZES)
+        raise RequestRejected(f"'{size}' is not one of [{listed}] - 'size'", param="size")
+    elif size not in rules.sizes:
+        raise RequestRejected("The size is not supported by this model.", code="invalid_size")
+
+    quality = body.get("quality")
+    if quality is not None:
+        _expect_choice(quality, rules.qualities, "quality")
+    if rules.family == "dall-e-3" and body.get("style") is not None:
+        _expect_choice(body["style"], ("vivid", "natural"), "style")
+    response_format = body.get("response_format")
+    if response_format is not None:
+        _expect_choice(response_format, ("url", "b64_json"), "response_format")
+    output_format = body.get("output_format")
+    if output_format is not None:
+        _expect_choice(output_format, ("png", "jpeg", "webp"), "output_format")
+    if body.get("output_compression") is not None:
+        _expect(body["output_compression"], "integer", "output_compression")
+        _expect_range(body["output_compression"], "output_compression", 0, 100)
+    background = body.get("background")
+    if background is not None:
+        _expect_choice(background, ("transparent", "opaque", "auto"), "background")
+    if body.get("moderation") is not None:
+        _expect_choice(body["moderation"], ("low", "auto"), "moderation")
+    if body.get("partial_images") is not None:
+        _expect(body["partial_images"], "integer", "partial_images")
+        _expect_range(body["partial_images"], "partial_images", 0, 3)
+    for name in ("user", "safety_identifier"):
+        if body.get(name) is not None:
+            _expect(body[name], "string", name)
+    if body.get("stream") is not None:
+        _expect(body["stream"], "boolean", "stream")
+        if body["stream"]:
+            raise RequestRejected("The stand-in does not stream images.", param="stream")
+    if rules.gpt_image:
+        # GPT Image answers base64 always and reports the quality it chose for "auto".
+        quality = "medium" if quality in (None, "auto") else quality
+        response_format = "b64_json"
+    return ImageRequest(
+        model=model,
+        rules=rules,
+        prompt=prompt,
+        n=n,
+        size=size,
+        quality=quality or "standard",
+        output_format=output_format or "png",
+        response_format=response_format or "url",  # DALL·E's default is a link
+        background="transparent" if background == "transparent" else "opaque",
+    )
+
+
+def _image_usage(asked: ImageRequest) -> dict[str, Any]:
+    square, oblong = _GPT_IMAGE_TOKENS[asked.quality]
+    width, height = asked.size.split("x")
+    output = asked.n * (square if width == height else oblong)
+    text = count_tokens(asked.prompt)
+    return {
+        "input_tokens": text,
+        "input_tokens_details": {"image_tokens": 0, "text_tokens": text},
+        "output_tokens": output,
+        "output_tokens_details": {"image_tokens": output, "text_tokens": 0},
+        "total_tokens": text + output,
+    }
+
+
+def image_file(file_format: str, width: int, height: int, index: int = 0) -> bytes:
+    """A valid image of `width` x `height` in `file_format` (png, jpeg, webp), different for
+    every `index`: a grey ramp (PNG) or one flat colour (JPEG, WebP)."""
+    if file_format == "png":
+        return _png(width, height, index)
+    if file_format == "jpeg":
+        return _jpeg(width, height, 16 + (index * 37) % 224)
+    if file_format == "webp":
+        return _webp(width, height, 0xFF000000 | ((index * 0x2F5D39 + 0x336699) & 0xFFFFFF))
+    raise ValueError(f"unknown image format {file_format!r}")
+
+
+def _png(width: int, height: int, seed: int) -> bytes:
+    # Row y is the ramp 0..255 shifted by seed + y: cut from one long ramp, no per-pixel work.
+    ramp = bytes(range(256)) * (width // 256 + 2)
+    rows = b"".join(
+        b"\x00" + ramp[(seed + y) % 256 : (seed + y) % 256 + width] for y in range(height)
+    )
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grey
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows, 6))
+        + chunk(b"IEND", b"")
+    )
+
+
+# The standard DC luminance Huffman table (ITU T.81 Annex K.3).
+_DC_BITS = (0, 1, 5, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0)
+_DC_VALUES = bytes(range(12))
+
+
+def _huffman_codes(bits: Sequence[int], values: bytes) -> dict[int, str]:
+    codes, code, k = {}, 0, 0
+    for length, count in enumerate(bits, start=1):
+        for _ in range(count):
+            codes[values[k]] = format(code, f"0{length}b")
+            code += 1
+            k += 1
+        code <<= 1
+    return codes
+
+
+def _jpeg(width: int, height: int, level: int) -> bytes:
+    """A baseline greyscale JPEG of one grey `level`: every 8x8 block is its DC coefficient
+    alone (quantised by 1), so the scan is the first block's DC, then "no change, end of block"
+    for every other block."""
+
+    def segment(marker: int, data: bytes) -> bytes:
+        return bytes((0xFF, marker)) + struct.pack(">H", len(data) + 2) + data
+
+    dc = 8 * (level - 128)  # the DCT's DC term of a flat block, after the level shift
+    category = abs(dc).bit_length()
+    extra = "" if dc == 0 else format(dc if dc > 0 else dc + (1 << category) - 1, f"0{category}b")
+    dc_codes = _huffman_codes(_DC_BITS, _DC_VALUES)
+    end_of_block = "00"  # the only symbol of the AC table below, two bits long
+    blocks = ((width + 7) // 8) * ((height + 7) // 8)
+    bits = dc_codes[category] + extra + end_of_block + (dc_codes[0] + end_of_block) * (blocks - 1)
+    bits += "1" * (-len(bits) % 8)  # padding with 1-bits, as the standard says
+    scan = int(bits, 2).to_bytes(len(bits) // 8, "big").replace(b"\xff", b"\xff\x00")
+    return (
+        b"\xff\xd8"
+        + segment(0xE0, b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00")
+        + segment(0xDB, b"\x00" + b"\x01" * 64)
+        + segment(0xC0, struct.pack(">BHHB", 8, height, width, 1) + b"\x01\x11\x00")
+        + segment(0xC4, b"\x00" + bytes(_DC_BITS) + _DC_VALUES)
+        + segment(0xC4, b"\x10" + bytes((0, 1, *([0] * 14))) + b"\x00")
+        + segment(0xDA, b"\x01\x01\x00\x00\x3f\x00")
+        + scan
+        + b"\xff\xd9"
+    )
+
+
+def _webp(width: int, height: int, argb: int) -> bytes:
+    """A lossless WebP (VP8L) of one colour: every prefix code is a single symbol, which takes
+    zero bits per pixel, so the image data is the header and five one-symbol codes."""
+    value, length = 0, 0
+
+    def put(bits: int, count: int) -> None:
+        nonlocal value, length
+        value |= bits << length  # VP8L packs bits from the least significant end
+        length += count
+
+    put(width - 1, 14)
+    put(height - 1, 14)
+    put(0, 1)  # alpha is not used
+    put(0, 3)  # version 0
+    put(0, 1)  # no transform
+    put(0, 1)  # no colour cache
+    put(0, 1)  # no meta prefix codes
+    alpha, red, green, blue = ((argb >> shift) & 0xFF for shift in (24, 16, 8, 0))
+    for symbol in (green, red, blue, alpha, 0):  # the last: the (unused) distance code
+        put(1, 1)  # a simple code
+        put(0, 1)  # of one symbol
+        put(1, 1)  # written in 8 bits
+        put(symbol, 8)
+    data = b"\x2f" + value.to_bytes((length + 7) // 8, "little")
+    chunk = b"VP8L" + struct.pack("<I", len(data)) + data + b"\x00" * (len(data) % 2)
+    return b"RIFF" + struct.pack("<I", 4 + len(chunk)) + b"WEBP" + chunk
