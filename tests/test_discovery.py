@@ -34,7 +34,7 @@ st_numpy = pytest.importorskip(
     "safetensors.numpy", reason="safetensors is not installed: cannot write test weights"
 )
 
-NO_RUNNER = "no image/3D runner in this build yet"
+NO_MESH_RUNNER = "no 3D runner in this build yet"
 NO_GGUF_RUNNER = "GGUF runner not in this build yet"
 COMMIT_A = "a" * 40
 COMMIT_B = "b" * 40
@@ -370,8 +370,18 @@ def test_stable_diffusion_pipeline(tmp_path: Path) -> None:
     assert found.format is ModelFormat.DIFFUSERS
     assert found.modality is Modality.IMAGE
     assert found.architecture == "StableDiffusionPipeline"
-    assert (found.servable, found.reason) == (False, NO_RUNNER)
+    # Servable: torch and diffusers are installed here (without them: the next test).
+    assert (found.servable, found.reason) == (True, "")
     assert found.size_bytes == folder_bytes(root)
+
+
+def test_a_pipeline_without_diffusers_installed_is_not_servable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    diffusers_layout(tmp_path / "m" / "sd-tiny", "StableDiffusionPipeline", SD_COMPONENTS)
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    (found,) = scan([tmp_path / "m"], None)
+    assert not found.servable and "diffusers is not installed" in found.reason
 
 
 def test_shap_e_pipeline_is_a_mesh_model(tmp_path: Path) -> None:
@@ -379,7 +389,7 @@ def test_shap_e_pipeline_is_a_mesh_model(tmp_path: Path) -> None:
     (found,) = scan([tmp_path / "m"], None)
     assert found.format is ModelFormat.DIFFUSERS
     assert found.modality is Modality.MESH
-    assert (found.servable, found.reason) == (False, NO_RUNNER)
+    assert (found.servable, found.reason) == (False, NO_MESH_RUNNER)
     assert found.size_bytes == folder_bytes(root)
 
 

@@ -104,7 +104,7 @@ class RunnerSupport:
     unavailable: str = ""
 
 
-_NO_IMAGE_RUNNER = "no image/3D runner in this build yet"
+_NO_MESH_RUNNER = "no 3D runner in this build yet"
 
 # The one servability table. A model is servable when its files are sound, its own checks pass
 # (a transformers model must be a causal LM) and its row here names no reason and only
@@ -112,8 +112,8 @@ _NO_IMAGE_RUNNER = "no image/3D runner in this build yet"
 RUNNERS: Mapping[tuple[ModelFormat, Modality], RunnerSupport] = MappingProxyType(
     {
         (ModelFormat.TRANSFORMERS, Modality.TEXT): RunnerSupport(modules=("torch", "transformers")),
-        (ModelFormat.DIFFUSERS, Modality.IMAGE): RunnerSupport(unavailable=_NO_IMAGE_RUNNER),
-        (ModelFormat.DIFFUSERS, Modality.MESH): RunnerSupport(unavailable=_NO_IMAGE_RUNNER),
+        (ModelFormat.DIFFUSERS, Modality.IMAGE): RunnerSupport(modules=("torch", "diffusers")),
+        (ModelFormat.DIFFUSERS, Modality.MESH): RunnerSupport(unavailable=_NO_MESH_RUNNER),
         (ModelFormat.GGUF, Modality.TEXT): RunnerSupport(
             unavailable="GGUF runner not in this build yet"
         ),

@@ -13,7 +13,8 @@ from pluggably.core.configmodel import StrictModel
 class LocalModelConfig(StrictModel):
     name: str = Field(min_length=1)
     path: Path
-    modality: Literal["text"] = "text"
+    # text: a transformers causal-LM folder; image: a diffusers text-to-image pipeline folder.
+    modality: Literal["text", "image"] = "text"
     device: str = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_concurrency: int = Field(1, ge=1)
@@ -24,6 +25,8 @@ class LocalModelConfig(StrictModel):
     default_max_tokens: int = Field(256, ge=1)
     context_length: int | None = Field(None, ge=1)
     description: str = ""
+    # Image models: denoising steps when a request does not say (default: the pipeline's 50).
+    default_steps: int | None = Field(None, ge=1, le=500)
 
     @field_validator("device")
     @classmethod

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from pluggably.core.backend import Backend
 from pluggably.core.errors import FailedPrecondition, ModelNotFound, Unavailable
-from pluggably.core.params import ProviderOptionsPolicy
+from pluggably.core.params import NO_PROVIDER_OPTIONS, ProviderOptionsPolicy
 from pluggably.core.types import (
     Chunk,
     GenerationRequest,
@@ -33,6 +33,7 @@ from pluggably.core.types import (
     ModelSource,
     ModelState,
 )
+from pluggably.runners.diffusers_image import DiffusersImageBackend, LocalImageModel
 from pluggably.runners.transformers_text import LocalTextModel, TransformersTextBackend
 
 if TYPE_CHECKING:
@@ -53,6 +54,15 @@ _TEXT_SETTINGS = (
     "default_max_tokens",
     "context_length",
     "description",
+)
+# Settings of a config entry that the image runner takes.
+_IMAGE_SETTINGS = (
+    "device",
+    "dtype",
+    "max_queue",
+    "queue_timeout_s",
+    "description",
+    "default_steps",
 )
 # Why a model in a state other than AVAILABLE cannot generate: (error class, reason).
 _NOT_READY = {
@@ -82,6 +92,7 @@ class LocalBackend(Backend):
         # Describes models and their parameters in process (no torch needed); generates in
         # process too unless worker processes are on.
         self.text = TransformersTextBackend([], provider=provider)
+        self.image = DiffusersImageBackend([], provider=provider)
         self.pool: WorkerPool | None = None
         if workers is not None and workers.enabled:
             from pluggably.runners.pool import WorkerPool
@@ -108,15 +119,23 @@ class LocalBackend(Backend):
 
     async def list_models(self) -> list[ModelInfo]:
         entries = self.entries()
-        served = {e.name for e in entries if self._text_model(e) is not None}
+        text_served, image_served = set(), set()
         for entry in entries:
             text_model = self._text_model(entry)
             if text_model is not None:
                 self.text.ensure_model(text_model)
+                text_served.add(entry.name)
+            image_model = self._image_model(entry)
+            if image_model is not None:
+                self.image.ensure_model(image_model)
+                image_served.add(entry.name)
         # Runner models the registry no longer has (deleted, vanished): freed when idle.
-        for name in [n for n in self.text.served_names() if n not in served]:
+        for name in [n for n in self.text.served_names() if n not in text_served]:
             self.text.drop_model(name)
+        for name in [n for n in self.image.served_names() if n not in image_served]:
+            self.image.drop_model(name)
         described = {m.name: m for m in await self.text.list_models()}
+        described.update((m.name, m) for m in await self.image.list_models())
         return [self._describe(e, described.get(e.name)) for e in entries]
 
     async def get_model(self, name: str) -> ModelInfo | None:
@@ -132,6 +151,10 @@ class LocalBackend(Backend):
                 runner_info = self.text.describe(name)
             else:
                 runner_info = await asyncio.to_thread(self.text.describe, name)
+        image_model = self._image_model(entry)
+        if image_model is not None:
+            self.image.ensure_model(image_model)
+            runner_info = self.image.describe(name)
         return self._describe(entry, runner_info)
 
     def _describe(self, entry: ModelEntry, runner_info: ModelInfo | None) -> ModelInfo:
@@ -175,12 +198,37 @@ class LocalBackend(Backend):
             log.warning("local model %s has invalid settings %r", entry.name, settings)
             return None
 
+    def _image_model(self, entry: ModelEntry) -> LocalImageModel | None:
+        """The image runner's view of `entry`, or None when the image runner does not serve it."""
+        if (
+            entry.state is not ModelState.AVAILABLE
+            or entry.format is not ModelFormat.DIFFUSERS
+            or entry.modality is not Modality.IMAGE
+        ):
+            return None
+        settings: dict[str, Any] = {
+            k: v for k, v in entry.settings.items() if k in _IMAGE_SETTINGS and v is not None
+        }
+        try:
+            return LocalImageModel(name=entry.name, path=Path(entry.details.path), **settings)
+        except (TypeError, ValueError):
+            log.warning("local model %s has invalid settings %r", entry.name, settings)
+            return None
+
     # ---- what requests may carry --------------------------------------------------------------
 
     def parameters(self, model: ModelInfo) -> list[ParameterSpec]:
+        if model.modality is Modality.IMAGE:
+            entry = self.entry(model.name)
+            image_model = self._image_model(entry) if entry is not None else None
+            if image_model is not None:
+                self.image.ensure_model(image_model)
+            return self.image.parameters(model)
         return self.text.parameters(model)
 
     def provider_options(self, model: ModelInfo) -> ProviderOptionsPolicy:
+        if model.modality is not Modality.TEXT:
+            return NO_PROVIDER_OPTIONS
         return self.text.provider_options(model)
 
     # ---- generation ----------------------------------------------------------------------------
@@ -197,6 +245,13 @@ class LocalBackend(Backend):
                 + (f": {entry.state_reason}" if entry.state_reason else ""),
                 reason=reason,
             )
+        image_model = self._image_model(entry)
+        if image_model is not None:
+            self.image.ensure_model(image_model)
+            self._touch(entry)
+            async for chunk in self.image.generate(request):
+                yield chunk
+            return
         text_model = self._text_model(entry)
         if text_model is None:
             raise FailedPrecondition(
@@ -205,13 +260,7 @@ class LocalBackend(Backend):
                 reason="MODEL_UNSERVABLE",
             )
         self.text.ensure_model(text_model)
-        registry = self.registry
-        if (
-            registry is not None
-            and entry.details.source is not ModelSource.CONFIG
-            and registry.touch_due(entry.name)
-        ):
-            asyncio.get_running_loop().run_in_executor(None, registry.touch, entry.name)
+        self._touch(entry)
         if self.pool is not None:
             settings = {
                 k: v for k, v in entry.settings.items() if k in _TEXT_SETTINGS and v is not None
@@ -223,16 +272,30 @@ class LocalBackend(Backend):
         async for chunk in self.text.generate(request):
             yield chunk
 
+    def _touch(self, entry: ModelEntry) -> None:
+        """Records the model's use (eviction order) off the event loop, once a minute."""
+        registry = self.registry
+        if (
+            registry is not None
+            and entry.details.source is not ModelSource.CONFIG
+            and registry.touch_due(entry.name)
+        ):
+            asyncio.get_running_loop().run_in_executor(None, registry.touch, entry.name)
+
     # ---- what the model manager needs ----------------------------------------------------------
 
     def in_use(self, name: str) -> bool:
-        return self.text.in_use(name) or (self.pool is not None and self.pool.in_use(name))
+        return (
+            self.text.in_use(name)
+            or self.image.in_use(name)
+            or (self.pool is not None and self.pool.in_use(name))
+        )
 
     async def release(self, name: str) -> bool:
         """Frees the runners' hold on `name` (weights, slot, worker); False while it serves."""
         if self.pool is not None and not await self.pool.stop(name):
             return False
-        return self.text.drop_model(name)
+        return self.image.drop_model(name) and self.text.drop_model(name)
 
     def is_configured(self, name: str) -> bool:
         return name in self._configured
@@ -252,6 +315,7 @@ class LocalBackend(Backend):
     async def aclose(self) -> None:
         if self.pool is not None:
             await self.pool.aclose()
+        await self.image.aclose()
         await self.text.aclose()
         if self.registry is not None:
             self.registry.close()
@@ -315,18 +379,20 @@ class ModelEntry:
 
 
 def _config_entry(cfg: LocalModelConfig) -> ModelEntry:
-    # A config model is a transformers folder (the only kind `local.models` takes today); the
-    # text runner reports it as ERROR with the reason if the folder holds no loadable model.
+    # A config model is a transformers folder (text) or a diffusers pipeline (image); its runner
+    # reports it as ERROR with the reason if the folder holds no loadable model.
     settings = cfg.model_dump(exclude={"name", "path", "modality"})
+    modality = Modality(cfg.modality)
+    model_format = ModelFormat.DIFFUSERS if modality is Modality.IMAGE else ModelFormat.TRANSFORMERS
     return ModelEntry(
         name=cfg.name,
-        modality=Modality.TEXT,
+        modality=modality,
         state=ModelState.AVAILABLE,
         state_reason="",
-        format=ModelFormat.TRANSFORMERS,
+        format=model_format,
         # Never evicted nor deleted through the API: the operator's own files.
         details=LocalDetails(
-            format=ModelFormat.TRANSFORMERS,
+            format=model_format,
             source=ModelSource.CONFIG,
             path=str(cfg.path),
             pinned=True,
