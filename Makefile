@@ -10,6 +10,7 @@ HTTP_PORT   ?= 8080
 HTTP_HOST   ?= 127.0.0.1
 ADMIN_PORT  ?= 9901
 MODEL_DIR   := var/models/tiny-random-llama
+IMAGE_MODEL_DIR := var/models/tiny-sd
 # `make run` serves the offline demo model unless PLUGGABLY_CONFIG names another config.
 PLUGGABLY_CONFIG ?= examples/demo.yaml
 PROTOS      := $(wildcard proto/pluggably/v1/*.proto)
@@ -30,7 +31,7 @@ help:
 	@echo "make bench-admission  admission under overload and fairness across keys"
 	@echo "make bench-overhead   what auth, limits, metrics and the access log add per call"
 	@echo "make bench-gateway    hosted-provider overhead: direct vs gRPC vs Envoy REST"
-	@echo "make model            build the tiny offline demo model into $(MODEL_DIR)"
+	@echo "make model            build the tiny offline demo models into var/models"
 
 install: $(VENV)/.installed node_modules/.installed
 
@@ -46,10 +47,13 @@ node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-model: $(MODEL_DIR)/config.json
+model: $(MODEL_DIR)/config.json $(IMAGE_MODEL_DIR)/model_index.json
 
 $(MODEL_DIR)/config.json: | $(VENV)/.installed
 	$(VENV)/bin/pluggably-make-tiny-model $(MODEL_DIR)
+
+$(IMAGE_MODEL_DIR)/model_index.json: | $(VENV)/.installed
+	$(VENV)/bin/pluggably-make-tiny-image $(IMAGE_MODEL_DIR)
 
 run: install model
 	PLUGGABLY_CONFIG=$(PLUGGABLY_CONFIG) GRPC_PORT=$(GRPC_PORT) HTTP_PORT=$(HTTP_PORT) HTTP_HOST=$(HTTP_HOST) ADMIN_PORT=$(ADMIN_PORT) scripts/run.sh

@@ -16,10 +16,11 @@ def test_embedded_defaults_serve_no_model() -> None:
     assert config.local.models == [] and config.providers == {}
 
 
-def test_demo_config_serves_the_tiny_model() -> None:
+def test_demo_config_serves_the_tiny_models() -> None:
     config = load_config(REPO_ROOT / "examples" / "demo.yaml", environ={})
-    assert [(m.name, str(m.path)) for m in config.local.models] == [
-        ("tiny-random-llama", "var/models/tiny-random-llama")
+    assert [(m.name, str(m.path), m.modality) for m in config.local.models] == [
+        ("tiny-random-llama", "var/models/tiny-random-llama", "text"),
+        ("tiny-sd", "var/models/tiny-sd", "image"),
     ]
 
 
