@@ -135,3 +135,45 @@ async def test_image_options_for_a_text_model_are_refused(gateway) -> None:
         )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "produces text" in caught.value.details()
+
+
+async def test_mesh_options_are_parsed_and_checked(config_for) -> None:
+    from pluggably.server import GatewayServer
+
+    backend = FakeBackend(
+        models={"sculpt": Modality.MESH}, supported=["steps", "grid_size", "format"]
+    )
+    backend.words = []
+    backend.extra_chunks = [ArtifactChunk(b"glTF-bytes", "model/gltf-binary", "mesh")]
+    server = GatewayServer(config_for([]), backends=[backend])
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = generate_service_pb2_grpc.GenerateServiceStub(channel)
+            ok = G.GenerateRequest(
+                model="fake/sculpt",
+                prompt="a chair",
+                mesh=G.MeshOptions(
+                    steps=8, grid_size=32, format=G.MESH_FORMAT_OBJ, inline_data=True
+                ),
+            )
+            response = await stub.Generate(ok)
+            (artifact,) = response.artifacts
+            assert (artifact.kind, artifact.inline_data) == ("mesh", b"glTF-bytes")
+            mesh = backend.requests[-1].mesh
+            assert (mesh.steps, mesh.grid_size, mesh.format.value) == (8, 32, "obj")
+            for options, field in (
+                ({"grid_size": 8}, "mesh.grid_size"),  # below 16
+                ({"seed": 3}, "mesh.seed"),  # not taken by this model
+                ({"guidance_scale": 60.0}, "mesh.guidance_scale"),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await stub.Generate(
+                        G.GenerateRequest(
+                            model="fake/sculpt", prompt="x", mesh=G.MeshOptions(**options)
+                        )
+                    )
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert field in caught.value.details()
+    finally:
+        await server.stop(grace=0)

@@ -40,6 +40,13 @@ REQUESTS = [
         ),
     ),
     G.GenerateRequest(model="m", prompt="x"),
+    G.GenerateRequest(
+        model="local/shape",
+        prompt="a chair",
+        mesh=G.MeshOptions(
+            steps=8, seed=2, grid_size=32, format=G.MESH_FORMAT_PLY, inline_data=True
+        ),
+    ),
     json_format.ParseDict(
         {
             "model": "a/b",

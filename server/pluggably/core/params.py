@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pluggably.core.errors import FieldViolation
-from pluggably.core.types import ImageParams, Modality, TextParams
+from pluggably.core.types import ImageParams, MeshParams, Modality, TextParams
 
 
 class ParamType(enum.Enum):
@@ -144,9 +144,31 @@ IMAGE_PARAMETERS: tuple[ParameterSpec, ...] = (
     ),
 )
 
+MESH_PARAMETERS: tuple[ParameterSpec, ...] = (
+    ParameterSpec("mesh.steps", ParamType.INTEGER, "Denoising steps.", minimum=1, maximum=500),
+    ParameterSpec(
+        "mesh.guidance_scale",
+        ParamType.NUMBER,
+        "Classifier-free guidance scale.",
+        minimum=0,
+        maximum=50,
+    ),
+    ParameterSpec("mesh.seed", ParamType.INTEGER, "Seed for the initial noise."),
+    ParameterSpec(
+        "mesh.grid_size",
+        ParamType.INTEGER,
+        "Resolution of the grid the mesh is extracted from.",
+        default=128,
+        minimum=16,
+        maximum=256,
+    ),
+    ParameterSpec("mesh.format", ParamType.STRING, "File format: glb, obj or ply.", default="glb"),
+)
+
 _BY_MODALITY: dict[Modality, tuple[ParameterSpec, ...]] = {
     Modality.TEXT: TEXT_PARAMETERS,
     Modality.IMAGE: IMAGE_PARAMETERS,
+    Modality.MESH: MESH_PARAMETERS,
 }
 _TEXT_SHORT_NAMES = tuple((spec, spec.name.split(".", 1)[1]) for spec in TEXT_PARAMETERS)
 
@@ -241,6 +263,24 @@ def validate_image_params(params: ImageParams, prefix: str = "image") -> list[Fi
     return violations
 
 
+def validate_mesh_params(params: MeshParams, prefix: str = "mesh") -> list[FieldViolation]:
+    """Range checks that hold for every 3D backend."""
+    violations: list[FieldViolation] = []
+    for spec in MESH_PARAMETERS:
+        short = spec.name.split(".", 1)[1]
+        value = getattr(params, short)
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            continue
+        field = f"{prefix}.{short}"
+        if isinstance(value, float) and not math.isfinite(value):
+            violations.append(FieldViolation(field, "must be a finite number"))
+            continue
+        problem = _out_of_range(spec, value)
+        if problem:
+            violations.append(FieldViolation(field, problem))
+    return violations
+
+
 def _out_of_range(spec: ParameterSpec, value: float) -> str | None:
     low, high = spec.minimum, spec.maximum
     too_low = low is not None and (value <= low if spec.exclusive_minimum else value < low)
@@ -328,7 +368,7 @@ NO_PROVIDER_OPTIONS = ProviderOptionsPolicy()
 
 
 def check_against_specs(
-    params: TextParams | ImageParams,
+    params: TextParams | ImageParams | MeshParams,
     specs: Iterable[ParameterSpec],
     model_id: str,
     prefix: str = "text",

@@ -208,6 +208,35 @@ class ImageParams:
     inline_data: bool = False  # also return the bytes (a transport matter, not the model's)
 
 
+class MeshFormat(enum.Enum):
+    GLB = "glb"
+    OBJ = "obj"
+    PLY = "ply"
+
+    @property
+    def mime_type(self) -> str:
+        return _MESH_MIME[self]
+
+
+_MESH_MIME = {
+    MeshFormat.GLB: "model/gltf-binary",
+    MeshFormat.OBJ: "model/obj",
+    MeshFormat.PLY: "model/x-ply",
+}
+
+
+@dataclass(frozen=True)
+class MeshParams:
+    """What a 3D request asks for; None: the model's default."""
+
+    steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+    grid_size: int | None = None
+    format: MeshFormat | None = None  # None: GLB
+    inline_data: bool = False
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One validated generation request, as a backend receives it.
@@ -223,6 +252,7 @@ class GenerationRequest:
     prompt: str | None = None
     text: TextParams = field(default_factory=TextParams)
     image: ImageParams = field(default_factory=ImageParams)
+    mesh: MeshParams = field(default_factory=MeshParams)
     tools: tuple[FunctionTool, ...] = ()
     tool_choice: ToolChoice | None = None
     provider_options: dict[str, Any] = field(default_factory=dict)

@@ -20,7 +20,11 @@ from google.protobuf import json_format, struct_pb2
 
 from pluggably.catalog.convert import check_model_id
 from pluggably.core.errors import FieldViolation, InvalidArgument
-from pluggably.core.params import validate_image_params, validate_text_params
+from pluggably.core.params import (
+    validate_image_params,
+    validate_mesh_params,
+    validate_text_params,
+)
 from pluggably.core.types import (
     CHAT_ROLES,
     ArtifactChunk,
@@ -34,6 +38,8 @@ from pluggably.core.types import (
     ImageFormat,
     ImageParams,
     ImagePart,
+    MeshFormat,
+    MeshParams,
     Modality,
     ProgressChunk,
     ResponseFormat,
@@ -159,6 +165,10 @@ def generation_request_from_pb(
     if option_group == "image":
         image = _image_params_from_pb(pb.image, violations)
         violations.extend(validate_image_params(image))
+    mesh = MeshParams()
+    if option_group == "mesh":
+        mesh = _mesh_params_from_pb(pb.mesh, violations)
+        violations.extend(validate_mesh_params(mesh))
     provider_options = _provider_options_from_pb(pb.provider_options, violations)
     if violations:
         raise invalid_argument(violations)
@@ -171,6 +181,7 @@ def generation_request_from_pb(
             prompt=pb.prompt if has_prompt else None,
             text=text,
             image=image,
+            mesh=mesh,
             tools=tuple(tools),
             tool_choice=tool_choice,
             provider_options=provider_options,
@@ -205,6 +216,31 @@ def _image_params_from_pb(
         seed=pb.seed if pb.HasField("seed") else None,
         count=pb.count if pb.HasField("count") else None,
         format=image_format,
+        inline_data=pb.inline_data,
+    )
+
+
+_MESH_FORMATS = {
+    generation_pb2.MESH_FORMAT_GLB: MeshFormat.GLB,
+    generation_pb2.MESH_FORMAT_OBJ: MeshFormat.OBJ,
+    generation_pb2.MESH_FORMAT_PLY: MeshFormat.PLY,
+}
+
+
+def _mesh_params_from_pb(
+    pb: generation_pb2.MeshOptions, violations: list[FieldViolation]
+) -> MeshParams:
+    mesh_format = None
+    if pb.format:
+        mesh_format = _MESH_FORMATS.get(pb.format)
+        if mesh_format is None:
+            violations.append(FieldViolation("mesh.format", f"unknown format {pb.format}"))
+    return MeshParams(
+        steps=pb.steps if pb.HasField("steps") else None,
+        guidance_scale=_float32(pb.guidance_scale) if pb.HasField("guidance_scale") else None,
+        seed=pb.seed if pb.HasField("seed") else None,
+        grid_size=pb.grid_size if pb.HasField("grid_size") else None,
+        format=mesh_format,
         inline_data=pb.inline_data,
     )
 
@@ -713,6 +749,15 @@ def generation_request_to_pb(request: GenerationRequest) -> generation_pb2.Gener
                     fmt.strict,
                 )
                 schema.schema.update(fmt.schema or {})
+    mesh = request.mesh
+    if mesh != MeshParams():
+        m3 = pb.mesh
+        for name in ("steps", "guidance_scale", "seed", "grid_size"):
+            if getattr(mesh, name) is not None:
+                setattr(m3, name, getattr(mesh, name))
+        m3.inline_data = mesh.inline_data
+        if mesh.format is not None:
+            m3.format = _MESH_FORMAT_TO_PB[mesh.format]
     if image != ImageParams():
         i = pb.image
         for name in ("width", "height", "steps", "guidance_scale", "seed", "count"):
@@ -777,3 +822,4 @@ _RESPONSE_FORMAT_TO_PB = {
 }
 _IMAGE_DETAIL_TO_PB = {v: k for k, v in _IMAGE_DETAIL.items()}
 _IMAGE_FORMAT_TO_PB = {v: k for k, v in _IMAGE_FORMATS.items()}
+_MESH_FORMAT_TO_PB = {v: k for k, v in _MESH_FORMATS.items()}

@@ -143,6 +143,7 @@ def check_request(
     specs = backend.parameters(info)
     violations = check_against_specs(request.text, specs, info.id)
     violations += check_against_specs(request.image, specs, info.id, prefix="image")
+    violations += check_against_specs(request.mesh, specs, info.id, prefix="mesh")
     if route.field != "model":
         violations = [
             FieldViolation(v.field, v.description.replace(f"model {info.id!r}", whose))

@@ -118,7 +118,7 @@ class ArtifactSink:
 
 
 def _inline(request: GenerationRequest) -> bool:
-    return request.image.inline_data
+    return request.image.inline_data or request.mesh.inline_data
 
 
 class GenerateServicer(generate_service_pb2_grpc.GenerateServiceServicer):
