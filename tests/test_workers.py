@@ -130,7 +130,7 @@ async def gateways(tiny_model_dir, tmp_path_factory):
     await inproc.start()
     channels = [grpc.aio.insecure_channel(f"127.0.0.1:{s.port}") for s in (pooled, inproc)]
     try:
-        yield pooled, *(stream_service_pb2_grpc.StreamServiceStub(c) for c in channels)
+        yield pooled, *(stream_service_pb2_grpc.StreamServiceStub(c) for c in channels), inproc
     finally:
         for channel in channels:
             await channel.close()
@@ -158,7 +158,7 @@ def pool_of(server):
 
 
 async def test_a_worker_gives_the_same_tokens_as_in_process(gateways) -> None:
-    server, pooled, inproc = gateways
+    server, pooled, inproc, _ = gateways
     request = chat(max_tokens=12, seed=5, temperature=0.9)
     assert await tokens(pooled, request) == await tokens(inproc, request)
     pid = pool_of(server).pid("tiny")
@@ -166,7 +166,7 @@ async def test_a_worker_gives_the_same_tokens_as_in_process(gateways) -> None:
 
 
 async def test_errors_cross_the_process_boundary_unchanged(gateways) -> None:
-    _, pooled, inproc = gateways
+    _, pooled, inproc, _ = gateways
     request = chat(max_tokens=100_000)  # beyond the model's context
     errors = []
     for stub in (pooled, inproc):
@@ -180,7 +180,7 @@ async def test_errors_cross_the_process_boundary_unchanged(gateways) -> None:
 async def test_cancel_stops_the_generation_in_the_worker(gateways) -> None:
     """The model takes one request at a time and queues none: a second request succeeds only
     if the cancelled one really stopped in the worker."""
-    _, pooled, _ = gateways
+    _, pooled, _, _ = gateways
     long = chat(max_tokens=400)
     long.provider_options["ignore_eos"].bool_value = True
     call = pooled.StreamGenerate(long)
@@ -198,7 +198,7 @@ async def test_cancel_stops_the_generation_in_the_worker(gateways) -> None:
 
 
 async def test_a_crashed_worker_fails_its_calls_and_starts_again(gateways) -> None:
-    server, pooled, _ = gateways
+    server, pooled, _, _ = gateways
     await tokens(pooled, chat(max_tokens=2))
     pid = pool_of(server).pid("tiny")
     long = chat(max_tokens=400)
@@ -216,10 +216,48 @@ async def test_a_crashed_worker_fails_its_calls_and_starts_again(gateways) -> No
 
 
 async def test_a_full_pool_stops_the_least_recently_used_worker(gateways) -> None:
-    server, pooled, _ = gateways
+    server, pooled, _, _ = gateways
     await tokens(pooled, chat(max_tokens=2))
     first = pool_of(server).pid("tiny")
     await tokens(pooled, chat("local/tiny2", max_tokens=2))  # max_workers is 1
     assert pool_of(server).pid("tiny") is None and pool_of(server).pid("tiny2") is not None
     with pytest.raises(ProcessLookupError):
         os.kill(first, 0)
+
+
+async def test_a_remote_provider_reaches_another_server(gateways, config_for) -> None:
+    """The path past one machine: a `remote` provider forwards to any v1 server."""
+    from pluggably.server import GatewayServer
+
+    _, _, inproc, backend_server = gateways
+    front = GatewayServer(
+        config_for(
+            [],
+            providers={
+                "gpu1": {
+                    "kind": "remote",
+                    "target": f"127.0.0.1:{backend_server.port}",
+                    "models": [{"name": "local/tiny"}],
+                },
+                "gone": {"kind": "remote", "target": "127.0.0.1:9", "models": [{"name": "x/y"}]},
+            },
+        )
+    )
+    await front.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{front.port}") as channel:
+            stub = stream_service_pb2_grpc.StreamServiceStub(channel)
+            request = chat(max_tokens=8, seed=3, temperature=0.8)
+            direct = await tokens(inproc, request)
+            request.model = "gpu1/local/tiny"
+            assert await tokens(stub, request) == direct
+            too_long = chat("gpu1/local/tiny", max_tokens=100_000)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await tokens(stub, too_long)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "text.max_tokens" in caught.value.details()
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await tokens(stub, chat("gone/x/y"))
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await front.stop(grace=0)

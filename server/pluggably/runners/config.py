@@ -36,6 +36,27 @@ class LocalModelConfig(StrictModel):
         raise ValueError("must be 'auto', 'cpu', 'cuda' or 'cuda:<index>'")
 
 
+class RemoteModelConfig(StrictModel):
+    # The model's id on the remote server (`local/tiny`); served here as `<provider>/<id>`.
+    name: str = Field(min_length=1)
+    modality: Literal["text", "image", "mesh"] = "text"
+    description: str = ""
+
+
+class RemoteConfig(StrictModel):
+    """Another v1 server (a runner on a GPU host, another gateway): `providers: {gpu1: {kind:
+    remote, target: "10.0.0.5:50051", models: [{name: local/llama}]}}`."""
+
+    kind: Literal["remote"] = "remote"
+    # host:port, or unix:/path.
+    target: str = Field(min_length=1)
+    models: list[RemoteModelConfig] = Field(default_factory=list)
+    # The environment variable holding the remote's API key, sent as `authorization: Bearer`.
+    api_key_env: str | None = None
+    # TLS to the remote: the CA that signed its certificate (None: plaintext).
+    ca_file: Path | None = None
+
+
 class WorkersConfig(StrictModel):
     """Local models in worker processes instead of the gateway's own interpreter."""
 

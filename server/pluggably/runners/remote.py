@@ -40,8 +40,6 @@ from pluggably.v1 import stream_service_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-# How long a call waits for the remote to accept a connection before it is UNAVAILABLE.
-CONNECT_TIMEOUT_S = 10.0
 
 
 class RemoteBackend(Backend):
@@ -56,9 +54,11 @@ class RemoteBackend(Backend):
         models: Sequence[ModelInfo] = (),
         channel_options: Sequence[tuple[str, Any]] = (),
         credentials: grpc.ChannelCredentials | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.provider = provider
         self.target = target
+        self._auth = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._models = list(models)
         self._channel_options = list(channel_options)
         self._credentials = credentials
@@ -84,10 +84,12 @@ class RemoteBackend(Backend):
         timeout = None
         if request.deadline is not None:
             timeout = max(0.001, request.deadline - asyncio.get_running_loop().time())
-        metadata = (("x-request-id", request.request_id),) if request.request_id else ()
-        call = self._stub().StreamGenerate(
-            pb, timeout=timeout, metadata=metadata, wait_for_ready=True
-        )
+        metadata = self._auth
+        if request.request_id:
+            metadata = (*metadata, ("x-request-id", request.request_id))
+        # No wait_for_ready: a remote that is not there is UNAVAILABLE at once (the router may
+        # fall back), not a call that waits for it until the deadline.
+        call = self._stub().StreamGenerate(pb, timeout=timeout, metadata=metadata)
         try:
             async for message in call:
                 chunk = chunk_from_stream_pb(message)
