@@ -43,7 +43,7 @@ def config_for():
             "storage": {"root": tempfile.mkdtemp(prefix="pluggably-test-storage-")},
             **sections,
         }
-        data["local"] = {"models": models or []}
+        data["local"] = {**sections.get("local", {}), "models": models or []}
         return Config.model_validate(data)
 
     return build

@@ -261,3 +261,37 @@ async def test_a_remote_provider_reaches_another_server(gateways, config_for) ->
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         await front.stop(grace=0)
+
+
+async def test_workers_over_the_memory_budget_stop_least_recently_used_first(
+    tiny_model_dir, config_for
+) -> None:
+    from pluggably.server import GatewayServer
+
+    server = GatewayServer(
+        config_for(
+            [
+                {"name": "a", "path": str(tiny_model_dir)},
+                {"name": "b", "path": str(tiny_model_dir)},
+            ],
+            local={
+                "workers": {
+                    "enabled": True,
+                    "max_workers": 2,  # room for both by count...
+                    "threads_per_worker": 1,
+                    "max_memory_bytes": 1,  # ...but not by memory: one at a time
+                }
+            },
+        )
+    )
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = stream_service_pb2_grpc.StreamServiceStub(channel)
+            pool = pool_of(server)
+            await tokens(stub, chat("local/a", max_tokens=2))
+            assert pool.pid("a") is not None and pool.memory_bytes() > 1
+            await tokens(stub, chat("local/b", max_tokens=2))
+            assert pool.pid("a") is None and pool.pid("b") is not None
+    finally:
+        await server.stop(grace=0)

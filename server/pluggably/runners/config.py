@@ -66,6 +66,9 @@ class WorkersConfig(StrictModel):
     max_workers: int = Field(2, ge=1)
     # torch threads per worker; 0: the cores divided among max_workers.
     threads_per_worker: int = Field(0, ge=0)
+    # Resident memory of all workers together; over it, the least recently used idle workers
+    # are stopped (after a call ends, and before one starts). None: no memory budget.
+    max_memory_bytes: int | None = Field(None, ge=1)
 
 
 class LocalConfig(StrictModel):

@@ -98,7 +98,9 @@ class LocalBackend(Backend):
             from pluggably.runners.pool import WorkerPool
 
             self.pool = WorkerPool(
-                max_workers=workers.max_workers, threads_per_worker=workers.threads_per_worker
+                max_workers=workers.max_workers,
+                threads_per_worker=workers.threads_per_worker,
+                max_memory_bytes=workers.max_memory_bytes,
             )
 
     # ---- catalogue -------------------------------------------------------------------------

@@ -41,6 +41,14 @@ START_TIMEOUT_S = 120.0
 _STDERR_TAIL = 2000
 
 
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 @dataclasses.dataclass
 class _Worker:
     name: str
@@ -59,8 +67,15 @@ class _Worker:
 
 
 class WorkerPool:
-    def __init__(self, *, max_workers: int = 2, threads_per_worker: int = 0) -> None:
+    def __init__(
+        self,
+        *,
+        max_workers: int = 2,
+        threads_per_worker: int = 0,
+        max_memory_bytes: int | None = None,
+    ) -> None:
         self.max_workers = max_workers
+        self.max_memory_bytes = max_memory_bytes
         self.threads_per_worker = threads_per_worker or max(
             1, (os.cpu_count() or 1) // max(1, max_workers)
         )
@@ -100,6 +115,8 @@ class WorkerPool:
         finally:
             worker.in_flight -= 1
             worker.last_used = time.monotonic()
+            if self.max_memory_bytes is not None and not worker.in_flight:
+                await self._within_memory(keep=worker)
 
     def in_use(self, name: str) -> bool:
         worker = self._workers.get(name)
@@ -149,7 +166,34 @@ class WorkerPool:
             self._workers[name] = worker
             return worker
 
+    def memory_bytes(self) -> int:
+        """Resident memory of the live workers (from /proc; 0 where it cannot be read)."""
+        return sum(_rss(w.process.pid) for w in self._workers.values() if w.alive)
+
+    async def _within_memory(self, keep: _Worker | None = None) -> None:
+        """Stops least recently used idle workers while the workers use more memory than
+        `max_memory_bytes` (never `keep`, never a busy one)."""
+        limit = self.max_memory_bytes
+        if limit is None:
+            return
+        while self.memory_bytes() > limit:
+            idle = [
+                w for w in self._workers.values() if w.alive and not w.in_flight and w is not keep
+            ]
+            if not idle:
+                return
+            victim = min(idle, key=lambda w: w.last_used)
+            log.info(
+                "stopping the runner of local/%s: workers use %d bytes, over %d "
+                "(local.workers.max_memory_bytes)",
+                victim.name,
+                self.memory_bytes(),
+                limit,
+            )
+            await self._stop(victim)
+
     async def _make_room(self) -> None:
+        await self._within_memory()
         alive = [w for w in self._workers.values() if w.alive]
         while len(alive) >= self.max_workers:
             idle = [w for w in alive if w.in_flight == 0]
