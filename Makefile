@@ -16,7 +16,7 @@ PLUGGABLY_CONFIG ?= examples/demo.yaml
 PROTOS      := $(wildcard proto/pluggably/v1/*.proto)
 PYTEST_ARGS ?=
 
-.PHONY: help install run test hosted-smoke generate check-generated lint breaking bench bench-gateway bench-overhead bench-admission \
+.PHONY: help install run test hosted-smoke generate check-generated lint breaking bench bench-gateway bench-overhead bench-admission bench-images \
 	model clean
 
 help:
@@ -31,6 +31,7 @@ help:
 	@echo "make bench-admission  admission under overload and fairness across keys"
 	@echo "make bench-overhead   what auth, limits, metrics and the access log add per call"
 	@echo "make bench-gateway    hosted-provider overhead: direct vs gRPC vs Envoy REST"
+	@echo "make bench-images     local images: steps/s through the gateway vs diffusers directly"
 	@echo "make model            build the tiny offline demo models into var/models"
 
 install: $(VENV)/.installed node_modules/.installed
@@ -107,6 +108,9 @@ bench-gateway: install
 
 bench-overhead: install
 	$(PY) bench/bench_overhead.py
+
+bench-images: install model
+	$(PY) bench/bench_images.py --model-dir $(IMAGE_MODEL_DIR)
 
 bench-admission: install model
 	$(PY) bench/bench_admission.py --model-dir $(MODEL_DIR)
