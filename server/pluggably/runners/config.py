@@ -27,6 +27,13 @@ class LocalModelConfig(StrictModel):
     description: str = ""
     # Image models: denoising steps when a request does not say (default: the pipeline's 50).
     default_steps: int | None = Field(None, ge=1, le=500)
+    # Text models: `vllm` serves the model with vLLM's engine (`pip install vllm` on a CUDA
+    # host); without vLLM or a GPU the model is listed UNSERVABLE with the reason.
+    runner: Literal["transformers", "vllm"] = "transformers"
+    # vLLM only.
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_model_len: int | None = Field(None, ge=1)
 
     @field_validator("device")
     @classmethod

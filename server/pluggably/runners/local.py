@@ -35,6 +35,7 @@ from pluggably.core.types import (
 )
 from pluggably.runners.diffusers_image import DiffusersImageBackend, LocalImageModel
 from pluggably.runners.transformers_text import LocalTextModel, TransformersTextBackend
+from pluggably.runners.vllm_text import LocalVllmModel, VllmTextBackend
 
 if TYPE_CHECKING:
     from pluggably.catalog.registry import ModelRecord, ModelRegistry
@@ -64,6 +65,19 @@ _IMAGE_SETTINGS = (
     "description",
     "default_steps",
 )
+# Settings of a config entry that vLLM takes, and the config's dtype names in vLLM's words.
+_VLLM_SETTINGS = (
+    "dtype",
+    "max_concurrency",
+    "max_queue",
+    "queue_timeout_s",
+    "default_max_tokens",
+    "description",
+    "tensor_parallel_size",
+    "gpu_memory_utilization",
+    "max_model_len",
+)
+_VLLM_DTYPES = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32", "auto": "auto"}
 # Why a model in a state other than AVAILABLE cannot generate: (error class, reason).
 _NOT_READY = {
     ModelState.DOWNLOADING: (Unavailable, "MODEL_DOWNLOADING"),
@@ -93,6 +107,7 @@ class LocalBackend(Backend):
         # process too unless worker processes are on.
         self.text = TransformersTextBackend([], provider=provider)
         self.image = DiffusersImageBackend([], provider=provider)
+        self.vllm = VllmTextBackend([], provider=provider)
         self.pool: WorkerPool | None = None
         if workers is not None and workers.enabled:
             from pluggably.runners.pool import WorkerPool
@@ -160,6 +175,31 @@ class LocalBackend(Backend):
         return self._describe(entry, runner_info)
 
     def _describe(self, entry: ModelEntry, runner_info: ModelInfo | None) -> ModelInfo:
+        if self._vllm_model(entry) is not None:
+            reason = _vllm_unavailable()
+            if reason:  # asked for vLLM explicitly: say it cannot serve here, never fall back
+                return self._describe_plain(entry, ModelState.UNSERVABLE, f"runner vllm: {reason}")
+            runner_info = self.vllm.describe(entry.name)
+        return self._describe_plain(entry, None, "", runner_info)
+
+    def _describe_plain(
+        self,
+        entry: ModelEntry,
+        state: ModelState | None,
+        reason: str,
+        runner_info: ModelInfo | None = None,
+    ) -> ModelInfo:
+        if state is not None:
+            return ModelInfo(
+                provider=self.provider,
+                name=entry.name,
+                modality=entry.modality,
+                state=state,
+                state_reason=reason,
+                description=entry.description,
+                size_bytes=entry.size_bytes,
+                local=entry.details,
+            )
         info = ModelInfo(
             provider=self.provider,
             name=entry.name,
@@ -185,12 +225,32 @@ class LocalBackend(Backend):
                 info = replace(info, state_reason=f"no loadable model in {entry.details.path}")
         return info
 
+    def _vllm_model(self, entry: ModelEntry) -> LocalVllmModel | None:
+        """vLLM's view of `entry` when the config asks for vLLM (`runner: vllm`)."""
+        if (
+            entry.settings.get("runner") != "vllm"
+            or entry.state is not ModelState.AVAILABLE
+            or entry.modality is not Modality.TEXT
+        ):
+            return None
+        settings = {
+            k: v for k, v in entry.settings.items() if k in _VLLM_SETTINGS and v is not None
+        }
+        if settings.get("dtype") in _VLLM_DTYPES:
+            settings["dtype"] = _VLLM_DTYPES[settings["dtype"]]
+        try:
+            return LocalVllmModel(name=entry.name, path=Path(entry.details.path), **settings)
+        except (TypeError, ValueError):
+            log.warning("local model %s has invalid vLLM settings %r", entry.name, settings)
+            return None
+
     def _text_model(self, entry: ModelEntry) -> LocalTextModel | None:
         """The text runner's view of `entry`, or None when the text runner does not serve it."""
         if (
             entry.state is not ModelState.AVAILABLE
             or entry.format is not ModelFormat.TRANSFORMERS
             or entry.modality is not Modality.TEXT
+            or entry.settings.get("runner") == "vllm"
         ):
             return None
         settings: dict[str, Any] = {k: v for k, v in entry.settings.items() if k in _TEXT_SETTINGS}
@@ -220,6 +280,10 @@ class LocalBackend(Backend):
     # ---- what requests may carry --------------------------------------------------------------
 
     def parameters(self, model: ModelInfo) -> list[ParameterSpec]:
+        vllm_model = self._vllm_for(model.name)
+        if vllm_model is not None:
+            self.vllm.ensure_model(vllm_model)
+            return self.vllm.parameters(model)
         if model.modality is Modality.IMAGE:
             entry = self.entry(model.name)
             image_model = self._image_model(entry) if entry is not None else None
@@ -231,7 +295,13 @@ class LocalBackend(Backend):
     def provider_options(self, model: ModelInfo) -> ProviderOptionsPolicy:
         if model.modality is not Modality.TEXT:
             return NO_PROVIDER_OPTIONS
+        if self._vllm_for(model.name) is not None:
+            return self.vllm.provider_options(model)
         return self.text.provider_options(model)
+
+    def _vllm_for(self, name: str) -> LocalVllmModel | None:
+        entry = self.entry(name)
+        return self._vllm_model(entry) if entry is not None else None
 
     # ---- generation ----------------------------------------------------------------------------
 
@@ -252,6 +322,19 @@ class LocalBackend(Backend):
             self.image.ensure_model(image_model)
             self._touch(entry)
             async for chunk in self.image.generate(request):
+                yield chunk
+            return
+        vllm_model = self._vllm_model(entry)
+        if vllm_model is not None:
+            reason = _vllm_unavailable()
+            if reason:
+                raise FailedPrecondition(
+                    f"model {model_id} is configured for vLLM, but {reason}",
+                    reason="MODEL_UNSERVABLE",
+                )
+            self.vllm.ensure_model(vllm_model)
+            self._touch(entry)
+            async for chunk in self.vllm.generate(request):
                 yield chunk
             return
         text_model = self._text_model(entry)
@@ -290,6 +373,7 @@ class LocalBackend(Backend):
         return (
             self.text.in_use(name)
             or self.image.in_use(name)
+            or self.vllm.in_use(name)
             or (self.pool is not None and self.pool.in_use(name))
         )
 
@@ -297,7 +381,11 @@ class LocalBackend(Backend):
         """Frees the runners' hold on `name` (weights, slot, worker); False while it serves."""
         if self.pool is not None and not await self.pool.stop(name):
             return False
-        return self.image.drop_model(name) and self.text.drop_model(name)
+        return (
+            self.vllm.drop_model(name)
+            and self.image.drop_model(name)
+            and self.text.drop_model(name)
+        )
 
     def is_configured(self, name: str) -> bool:
         return name in self._configured
@@ -318,6 +406,7 @@ class LocalBackend(Backend):
         if self.pool is not None:
             await self.pool.aclose()
         await self.image.aclose()
+        await self.vllm.aclose()
         await self.text.aclose()
         if self.registry is not None:
             self.registry.close()
@@ -403,3 +492,16 @@ def _config_entry(cfg: LocalModelConfig) -> ModelEntry:
         description=cfg.description,
         context_length=cfg.context_length or 0,
     )
+
+
+def _vllm_unavailable() -> str:
+    """Why vLLM cannot serve in this process ("" when it can). Checked without importing torch
+    or vLLM: the module must be installed and a CUDA device visible."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("vllm") is None:
+        return "vllm is not installed here (pip install vllm, on a CUDA host)"
+    if os.environ.get("CUDA_VISIBLE_DEVICES") == "" or not os.path.exists("/dev/nvidiactl"):
+        return "no CUDA GPU is visible to this process"
+    return ""
