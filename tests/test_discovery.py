@@ -35,7 +35,8 @@ st_numpy = pytest.importorskip(
 )
 
 NO_MESH_RUNNER = "no 3D runner in this build yet"
-NO_GGUF_RUNNER = "GGUF runner not in this build yet"
+# A sound GGUF file is servable: torch, transformers, gguf and accelerate are installed here.
+GGUF_OK = (True, "")
 COMMIT_A = "a" * 40
 COMMIT_B = "b" * 40
 
@@ -430,7 +431,7 @@ def test_gguf_file(tmp_path: Path) -> None:
     assert found.modality is Modality.TEXT
     assert found.size_bytes == len(data)
     assert (found.architecture, found.display_name) == ("llama", "Tiny Llama")
-    assert (found.servable, found.reason) == (False, NO_GGUF_RUNNER)
+    assert (found.servable, found.reason) == GGUF_OK
 
 
 @pytest.mark.parametrize(
@@ -482,7 +483,7 @@ def test_split_gguf_is_one_model(tmp_path: Path) -> None:
     assert found.name == "big-00001-of-00002.gguf"
     assert found.path == first
     assert found.size_bytes == first.stat().st_size + second.stat().st_size
-    assert (found.servable, found.reason) == (False, NO_GGUF_RUNNER)
+    assert (found.servable, found.reason) == GGUF_OK
 
     second.unlink()
     (found,) = scan([tmp_path / "m"], None)
@@ -648,7 +649,7 @@ def test_hf_cache_gguf_repo_with_several_files(tmp_path: Path) -> None:
     for model in found.values():
         assert model.format is ModelFormat.GGUF
         assert (model.source_repo, model.revision) == ("acme/tiny-GGUF", COMMIT_A)
-        assert model.reason == NO_GGUF_RUNNER
+        assert (model.servable, model.reason) == GGUF_OK
 
 
 def test_hf_snapshot_link_leaving_the_repo_is_not_followed(tmp_path: Path) -> None:

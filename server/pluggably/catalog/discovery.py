@@ -114,8 +114,9 @@ RUNNERS: Mapping[tuple[ModelFormat, Modality], RunnerSupport] = MappingProxyType
         (ModelFormat.TRANSFORMERS, Modality.TEXT): RunnerSupport(modules=("torch", "transformers")),
         (ModelFormat.DIFFUSERS, Modality.IMAGE): RunnerSupport(modules=("torch", "diffusers")),
         (ModelFormat.DIFFUSERS, Modality.MESH): RunnerSupport(unavailable=_NO_MESH_RUNNER),
+        # transformers dequantizes GGUF weights into a torch model (runners/gguf_text.py).
         (ModelFormat.GGUF, Modality.TEXT): RunnerSupport(
-            unavailable="GGUF runner not in this build yet"
+            modules=("torch", "transformers", "gguf", "accelerate")
         ),
     }
 )

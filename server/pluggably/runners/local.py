@@ -34,6 +34,7 @@ from pluggably.core.types import (
     ModelState,
 )
 from pluggably.runners.diffusers_image import DiffusersImageBackend, LocalImageModel
+from pluggably.runners.gguf_text import GgufTextBackend
 from pluggably.runners.transformers_text import LocalTextModel, TransformersTextBackend
 from pluggably.runners.vllm_text import LocalVllmModel, VllmTextBackend
 
@@ -108,6 +109,7 @@ class LocalBackend(Backend):
         self.text = TransformersTextBackend([], provider=provider)
         self.image = DiffusersImageBackend([], provider=provider)
         self.vllm = VllmTextBackend([], provider=provider)
+        self.gguf = GgufTextBackend([], provider=provider)
         self.pool: WorkerPool | None = None
         if workers is not None and workers.enabled:
             from pluggably.runners.pool import WorkerPool
@@ -151,8 +153,17 @@ class LocalBackend(Backend):
             self.text.drop_model(name)
         for name in [n for n in self.image.served_names() if n not in image_served]:
             self.image.drop_model(name)
+        gguf_served = set()
+        for entry in entries:
+            gguf_model = self._gguf_model(entry)
+            if gguf_model is not None:
+                self.gguf.ensure_model(gguf_model)
+                gguf_served.add(entry.name)
+        for name in [n for n in self.gguf.served_names() if n not in gguf_served]:
+            self.gguf.drop_model(name)
         described = {m.name: m for m in await self.text.list_models()}
         described.update((m.name, m) for m in await self.image.list_models())
+        described.update((m.name, m) for m in await self.gguf.list_models())
         return [self._describe(e, described.get(e.name)) for e in entries]
 
     async def get_model(self, name: str) -> ModelInfo | None:
@@ -172,6 +183,10 @@ class LocalBackend(Backend):
         if image_model is not None:
             self.image.ensure_model(image_model)
             runner_info = self.image.describe(name)
+        gguf_model = self._gguf_model(entry)
+        if gguf_model is not None:
+            self.gguf.ensure_model(gguf_model)
+            runner_info = await asyncio.to_thread(self.gguf.describe, name)
         return self._describe(entry, runner_info)
 
     def _describe(self, entry: ModelEntry, runner_info: ModelInfo | None) -> ModelInfo:
@@ -260,6 +275,23 @@ class LocalBackend(Backend):
             log.warning("local model %s has invalid settings %r", entry.name, settings)
             return None
 
+    def _gguf_model(self, entry: ModelEntry) -> LocalTextModel | None:
+        """The GGUF runner's view of `entry` (a .gguf file), or None."""
+        if (
+            entry.state is not ModelState.AVAILABLE
+            or entry.format is not ModelFormat.GGUF
+            or entry.modality is not Modality.TEXT
+        ):
+            return None
+        settings: dict[str, Any] = {
+            k: v for k, v in entry.settings.items() if k in _TEXT_SETTINGS and v is not None
+        }
+        try:
+            return LocalTextModel(name=entry.name, path=Path(entry.details.path), **settings)
+        except (TypeError, ValueError):
+            log.warning("local model %s has invalid settings %r", entry.name, settings)
+            return None
+
     def _image_model(self, entry: ModelEntry) -> LocalImageModel | None:
         """The image runner's view of `entry`, or None when the image runner does not serve it."""
         if (
@@ -280,6 +312,11 @@ class LocalBackend(Backend):
     # ---- what requests may carry --------------------------------------------------------------
 
     def parameters(self, model: ModelInfo) -> list[ParameterSpec]:
+        entry = self.entry(model.name)
+        gguf_model = self._gguf_model(entry) if entry is not None else None
+        if gguf_model is not None:
+            self.gguf.ensure_model(gguf_model)
+            return self.gguf.parameters(model)
         vllm_model = self._vllm_for(model.name)
         if vllm_model is not None:
             self.vllm.ensure_model(vllm_model)
@@ -322,6 +359,13 @@ class LocalBackend(Backend):
             self.image.ensure_model(image_model)
             self._touch(entry)
             async for chunk in self.image.generate(request):
+                yield chunk
+            return
+        gguf_model = self._gguf_model(entry)
+        if gguf_model is not None:
+            self.gguf.ensure_model(gguf_model)
+            self._touch(entry)
+            async for chunk in self.gguf.generate(request):
                 yield chunk
             return
         vllm_model = self._vllm_model(entry)
@@ -374,6 +418,7 @@ class LocalBackend(Backend):
             self.text.in_use(name)
             or self.image.in_use(name)
             or self.vllm.in_use(name)
+            or self.gguf.in_use(name)
             or (self.pool is not None and self.pool.in_use(name))
         )
 
@@ -382,7 +427,8 @@ class LocalBackend(Backend):
         if self.pool is not None and not await self.pool.stop(name):
             return False
         return (
-            self.vllm.drop_model(name)
+            self.gguf.drop_model(name)
+            and self.vllm.drop_model(name)
             and self.image.drop_model(name)
             and self.text.drop_model(name)
         )
@@ -407,6 +453,7 @@ class LocalBackend(Backend):
             await self.pool.aclose()
         await self.image.aclose()
         await self.vllm.aclose()
+        await self.gguf.aclose()
         await self.text.aclose()
         if self.registry is not None:
             self.registry.close()

@@ -41,7 +41,6 @@ from pluggably.v1 import stream_service_pb2_grpc
 log = logging.getLogger(__name__)
 
 
-
 class RemoteBackend(Backend):
     """Forwards to `target` (`unix:/path` or `host:port`). `request.model` is the model's id on
     the remote; `models` describe what this backend answers for in listings."""
