@@ -104,8 +104,6 @@ class RunnerSupport:
     unavailable: str = ""
 
 
-_NO_MESH_RUNNER = "no 3D runner in this build yet"
-
 # The one servability table. A model is servable when its files are sound, its own checks pass
 # (a transformers model must be a causal LM) and its row here names no reason and only
 # importable modules. Kinds without a row are not servable.
@@ -113,7 +111,9 @@ RUNNERS: Mapping[tuple[ModelFormat, Modality], RunnerSupport] = MappingProxyType
     {
         (ModelFormat.TRANSFORMERS, Modality.TEXT): RunnerSupport(modules=("torch", "transformers")),
         (ModelFormat.DIFFUSERS, Modality.IMAGE): RunnerSupport(modules=("torch", "diffusers")),
-        (ModelFormat.DIFFUSERS, Modality.MESH): RunnerSupport(unavailable=_NO_MESH_RUNNER),
+        (ModelFormat.DIFFUSERS, Modality.MESH): RunnerSupport(
+            modules=("torch", "diffusers", "trimesh")
+        ),
         # transformers dequantizes GGUF weights into a torch model (runners/gguf_text.py).
         (ModelFormat.GGUF, Modality.TEXT): RunnerSupport(
             modules=("torch", "transformers", "gguf", "accelerate")

@@ -13,8 +13,9 @@ from pluggably.core.configmodel import StrictModel
 class LocalModelConfig(StrictModel):
     name: str = Field(min_length=1)
     path: Path
-    # text: a transformers causal-LM folder; image: a diffusers text-to-image pipeline folder.
-    modality: Literal["text", "image"] = "text"
+    # text: a transformers causal-LM folder; image: a diffusers text-to-image pipeline folder;
+    # mesh: a diffusers Shap-E (text-to-3D) pipeline folder.
+    modality: Literal["text", "image", "mesh"] = "text"
     device: str = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_concurrency: int = Field(1, ge=1)

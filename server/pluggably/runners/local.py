@@ -35,6 +35,7 @@ from pluggably.core.types import (
 )
 from pluggably.runners.diffusers_image import DiffusersImageBackend, LocalImageModel
 from pluggably.runners.gguf_text import GgufTextBackend
+from pluggably.runners.shap_e_mesh import LocalMeshModel, ShapEMeshBackend
 from pluggably.runners.transformers_text import LocalTextModel, TransformersTextBackend
 from pluggably.runners.vllm_text import LocalVllmModel, VllmTextBackend
 
@@ -110,6 +111,7 @@ class LocalBackend(Backend):
         self.image = DiffusersImageBackend([], provider=provider)
         self.vllm = VllmTextBackend([], provider=provider)
         self.gguf = GgufTextBackend([], provider=provider)
+        self.mesh = ShapEMeshBackend([], provider=provider)
         self.pool: WorkerPool | None = None
         if workers is not None and workers.enabled:
             from pluggably.runners.pool import WorkerPool
@@ -161,9 +163,18 @@ class LocalBackend(Backend):
                 gguf_served.add(entry.name)
         for name in [n for n in self.gguf.served_names() if n not in gguf_served]:
             self.gguf.drop_model(name)
+        mesh_served = set()
+        for entry in entries:
+            mesh_model = self._mesh_model(entry)
+            if mesh_model is not None:
+                self.mesh.ensure_model(mesh_model)
+                mesh_served.add(entry.name)
+        for name in [n for n in self.mesh.served_names() if n not in mesh_served]:
+            self.mesh.drop_model(name)
         described = {m.name: m for m in await self.text.list_models()}
         described.update((m.name, m) for m in await self.image.list_models())
         described.update((m.name, m) for m in await self.gguf.list_models())
+        described.update((m.name, m) for m in await self.mesh.list_models())
         return [self._describe(e, described.get(e.name)) for e in entries]
 
     async def get_model(self, name: str) -> ModelInfo | None:
@@ -187,6 +198,10 @@ class LocalBackend(Backend):
         if gguf_model is not None:
             self.gguf.ensure_model(gguf_model)
             runner_info = await asyncio.to_thread(self.gguf.describe, name)
+        mesh_model = self._mesh_model(entry)
+        if mesh_model is not None:
+            self.mesh.ensure_model(mesh_model)
+            runner_info = self.mesh.describe(name)
         return self._describe(entry, runner_info)
 
     def _describe(self, entry: ModelEntry, runner_info: ModelInfo | None) -> ModelInfo:
@@ -275,6 +290,23 @@ class LocalBackend(Backend):
             log.warning("local model %s has invalid settings %r", entry.name, settings)
             return None
 
+    def _mesh_model(self, entry: ModelEntry) -> LocalMeshModel | None:
+        """The 3D runner's view of `entry` (a Shap-E pipeline folder), or None."""
+        if (
+            entry.state is not ModelState.AVAILABLE
+            or entry.format is not ModelFormat.DIFFUSERS
+            or entry.modality is not Modality.MESH
+        ):
+            return None
+        settings: dict[str, Any] = {
+            k: v for k, v in entry.settings.items() if k in _IMAGE_SETTINGS and v is not None
+        }
+        try:
+            return LocalMeshModel(name=entry.name, path=Path(entry.details.path), **settings)
+        except (TypeError, ValueError):
+            log.warning("local model %s has invalid settings %r", entry.name, settings)
+            return None
+
     def _gguf_model(self, entry: ModelEntry) -> LocalTextModel | None:
         """The GGUF runner's view of `entry` (a .gguf file), or None."""
         if (
@@ -313,6 +345,10 @@ class LocalBackend(Backend):
 
     def parameters(self, model: ModelInfo) -> list[ParameterSpec]:
         entry = self.entry(model.name)
+        mesh_model = self._mesh_model(entry) if entry is not None else None
+        if mesh_model is not None:
+            self.mesh.ensure_model(mesh_model)
+            return self.mesh.parameters(model)
         gguf_model = self._gguf_model(entry) if entry is not None else None
         if gguf_model is not None:
             self.gguf.ensure_model(gguf_model)
@@ -368,6 +404,13 @@ class LocalBackend(Backend):
             async for chunk in self.gguf.generate(request):
                 yield chunk
             return
+        mesh_model = self._mesh_model(entry)
+        if mesh_model is not None:
+            self.mesh.ensure_model(mesh_model)
+            self._touch(entry)
+            async for chunk in self.mesh.generate(request):
+                yield chunk
+            return
         vllm_model = self._vllm_model(entry)
         if vllm_model is not None:
             reason = _vllm_unavailable()
@@ -419,6 +462,7 @@ class LocalBackend(Backend):
             or self.image.in_use(name)
             or self.vllm.in_use(name)
             or self.gguf.in_use(name)
+            or self.mesh.in_use(name)
             or (self.pool is not None and self.pool.in_use(name))
         )
 
@@ -427,7 +471,8 @@ class LocalBackend(Backend):
         if self.pool is not None and not await self.pool.stop(name):
             return False
         return (
-            self.gguf.drop_model(name)
+            self.mesh.drop_model(name)
+            and self.gguf.drop_model(name)
             and self.vllm.drop_model(name)
             and self.image.drop_model(name)
             and self.text.drop_model(name)
@@ -454,6 +499,7 @@ class LocalBackend(Backend):
         await self.image.aclose()
         await self.vllm.aclose()
         await self.gguf.aclose()
+        await self.mesh.aclose()
         await self.text.aclose()
         if self.registry is not None:
             self.registry.close()
@@ -521,7 +567,7 @@ def _config_entry(cfg: LocalModelConfig) -> ModelEntry:
     # reports it as ERROR with the reason if the folder holds no loadable model.
     settings = cfg.model_dump(exclude={"name", "path", "modality"})
     modality = Modality(cfg.modality)
-    model_format = ModelFormat.DIFFUSERS if modality is Modality.IMAGE else ModelFormat.TRANSFORMERS
+    model_format = ModelFormat.TRANSFORMERS if modality is Modality.TEXT else ModelFormat.DIFFUSERS
     return ModelEntry(
         name=cfg.name,
         modality=modality,
