@@ -11,6 +11,7 @@ HTTP_HOST   ?= 127.0.0.1
 ADMIN_PORT  ?= 9901
 MODEL_DIR   := var/models/tiny-random-llama
 IMAGE_MODEL_DIR := var/models/tiny-sd
+MESH_MODEL_DIR := var/models/tiny-shape
 # `make run` serves the offline demo model unless PLUGGABLY_CONFIG names another config.
 PLUGGABLY_CONFIG ?= examples/demo.yaml
 PROTOS      := $(wildcard proto/pluggably/v1/*.proto)
@@ -48,13 +49,16 @@ node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-model: $(MODEL_DIR)/config.json $(IMAGE_MODEL_DIR)/model_index.json
+model: $(MODEL_DIR)/config.json $(IMAGE_MODEL_DIR)/model_index.json $(MESH_MODEL_DIR)/model_index.json
 
 $(MODEL_DIR)/config.json: | $(VENV)/.installed
 	$(VENV)/bin/pluggably-make-tiny-model $(MODEL_DIR)
 
 $(IMAGE_MODEL_DIR)/model_index.json: | $(VENV)/.installed
 	$(VENV)/bin/pluggably-make-tiny-image $(IMAGE_MODEL_DIR)
+
+$(MESH_MODEL_DIR)/model_index.json: | $(VENV)/.installed
+	$(VENV)/bin/pluggably-make-tiny-mesh $(MESH_MODEL_DIR)
 
 run: install model
 	PLUGGABLY_CONFIG=$(PLUGGABLY_CONFIG) GRPC_PORT=$(GRPC_PORT) HTTP_PORT=$(HTTP_PORT) HTTP_HOST=$(HTTP_HOST) ADMIN_PORT=$(ADMIN_PORT) scripts/run.sh

@@ -21,6 +21,7 @@ def test_demo_config_serves_the_tiny_models() -> None:
     assert [(m.name, str(m.path), m.modality) for m in config.local.models] == [
         ("tiny-random-llama", "var/models/tiny-random-llama", "text"),
         ("tiny-sd", "var/models/tiny-sd", "image"),
+        ("tiny-shape", "var/models/tiny-shape", "mesh"),
     ]
 
 
