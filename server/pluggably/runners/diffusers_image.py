@@ -21,17 +21,15 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pluggably.core.backend import Backend
 from pluggably.core.errors import FieldViolation, InvalidArgument, ModelNotFound, Unavailable
 from pluggably.core.params import ParameterSpec, parameters_for
 from pluggably.core.types import (
     ArtifactChunk,
-    Capabilities,
     Chunk,
     DoneChunk,
     FinishReason,
@@ -39,12 +37,11 @@ from pluggably.core.types import (
     ImageFormat,
     Modality,
     ModelInfo,
-    ModelState,
     ProgressChunk,
     Usage,
 )
 from pluggably.observability import metrics
-from pluggably.runners.admission import AdmissionQueue
+from pluggably.runners.pipelines import PipelineBackend, PipelineSlot
 
 log = logging.getLogger(__name__)
 
@@ -78,79 +75,19 @@ class LocalImageModel:
     default_steps: int | None = None
 
 
-class _Slot:
+class _Slot(PipelineSlot[LocalImageModel]):
     def __init__(self, cfg: LocalImageModel, provider: str) -> None:
-        self.cfg = cfg
-        self.model_id = f"{provider}/{cfg.name}"
-        # One at a time: a pipeline object is not reentrant (see the module docstring).
-        self.admission = AdmissionQueue(
-            self.model_id,
-            max_concurrency=1,
-            max_queue=cfg.max_queue,
-            queue_timeout_s=cfg.queue_timeout_s,
-        )
-        self.pipeline: Any = None
-        self.device: Any = None
-        self.load_lock = asyncio.Lock()
-        self.load_error: str = ""
-        self.load_failed_at = 0.0
+        super().__init__(cfg, provider)
         self.defaults: dict[str, Any] | None = None  # from the folder's configs
-        self.busy = False
 
 
-class DiffusersImageBackend(Backend):
+class DiffusersImageBackend(PipelineBackend[LocalImageModel, _Slot]):
     """Serves local text-to-image pipelines (see the module docstring)."""
 
-    def __init__(self, models: Sequence[LocalImageModel] = (), provider: str = "local") -> None:
-        self.provider = provider
-        self._slots: dict[str, _Slot] = {m.name: _Slot(m, provider) for m in models}
-        self._closed = False
+    MODALITY = Modality.IMAGE
 
-    # ---- models the local backend manages ------------------------------------------------
-
-    def ensure_model(self, cfg: LocalImageModel) -> None:
-        slot = self._slots.get(cfg.name)
-        if slot is not None and (slot.cfg == cfg or self.in_use(cfg.name)):
-            return
-        self._slots[cfg.name] = _Slot(cfg, self.provider)
-
-    def drop_model(self, name: str) -> bool:
-        if self.in_use(name):
-            return False
-        self._slots.pop(name, None)
-        return True
-
-    def in_use(self, name: str) -> bool:
-        slot = self._slots.get(name)
-        if slot is None:
-            return False
-        return slot.busy or slot.admission.running > 0 or slot.admission.waiting > 0
-
-    def served_names(self) -> list[str]:
-        return list(self._slots)
-
-    # ---- catalogue -------------------------------------------------------------------------
-
-    async def list_models(self) -> list[ModelInfo]:
-        return [self.describe(name) for name in self._slots]  # type: ignore[misc]
-
-    def describe(self, name: str) -> ModelInfo | None:
-        slot = self._slots.get(name)
-        if slot is None:
-            return None
-        state, reason = ModelState.AVAILABLE, ""
-        if slot.load_error:
-            state, reason = ModelState.ERROR, slot.load_error
-        return ModelInfo(
-            provider=self.provider,
-            name=name,
-            modality=Modality.IMAGE,
-            state=state,
-            state_reason=reason,
-            description=slot.cfg.description,
-            loaded=slot.pipeline is not None,
-            capabilities=Capabilities(streaming=True),
-        )
+    def _new_slot(self, cfg: LocalImageModel) -> _Slot:
+        return _Slot(cfg, self.provider)
 
     def parameters(self, model: ModelInfo) -> list[ParameterSpec]:
         slot = self._slots.get(model.name)

@@ -43,7 +43,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pluggably.core.backend import Backend
 from pluggably.core.errors import (
     FailedPrecondition,
     FieldViolation,
@@ -55,7 +54,6 @@ from pluggably.core.errors import (
 from pluggably.core.params import ParameterSpec, parameters_for, validate_mesh_params
 from pluggably.core.types import (
     ArtifactChunk,
-    Capabilities,
     Chunk,
     DoneChunk,
     FinishReason,
@@ -63,12 +61,11 @@ from pluggably.core.types import (
     MeshFormat,
     Modality,
     ModelInfo,
-    ModelState,
     ProgressChunk,
     Usage,
 )
 from pluggably.observability import metrics
-from pluggably.runners.admission import AdmissionQueue
+from pluggably.runners.pipelines import PipelineBackend, PipelineSlot
 
 log = logging.getLogger(__name__)
 
@@ -98,23 +95,7 @@ class LocalMeshModel:
     default_steps: int | None = None
 
 
-class _Slot:
-    def __init__(self, cfg: LocalMeshModel, provider: str) -> None:
-        self.cfg = cfg
-        self.model_id = f"{provider}/{cfg.name}"
-        # One at a time: the pipeline is not reentrant (see the module docstring).
-        self.admission = AdmissionQueue(
-            self.model_id,
-            max_concurrency=1,
-            max_queue=cfg.max_queue,
-            queue_timeout_s=cfg.queue_timeout_s,
-        )
-        self.pipeline: Any = None
-        self.device: Any = None
-        self.load_lock = asyncio.Lock()
-        self.load_error: str = ""
-        self.load_failed_at = 0.0
-        self.busy = False
+_Slot = PipelineSlot[LocalMeshModel]
 
 
 @dataclass
@@ -131,62 +112,19 @@ class _EmptyMesh(Exception):
     """The decoded signed distance has no inside: there is no surface to export."""
 
 
-class ShapEMeshBackend(Backend):
+class ShapEMeshBackend(PipelineBackend[LocalMeshModel, _Slot]):
     """Serves local text-to-3D pipelines (see the module docstring)."""
 
+    MODALITY = Modality.MESH
+
     def __init__(self, models: Sequence[LocalMeshModel] = (), provider: str = "local") -> None:
-        self.provider = provider
-        self._slots: dict[str, _Slot] = {m.name: _Slot(m, provider) for m in models}
-        self._closed = False
+        super().__init__(tuple(models), provider)
         # Running generations: their stop flags and threads, for `aclose`.
         self._stops: set[threading.Event] = set()
         self._threads: set[asyncio.Future[_Outcome]] = set()
 
-    # ---- models the local backend manages ------------------------------------------------
-
-    def ensure_model(self, cfg: LocalMeshModel) -> None:
-        slot = self._slots.get(cfg.name)
-        if slot is not None and (slot.cfg == cfg or self.in_use(cfg.name)):
-            return
-        self._slots[cfg.name] = _Slot(cfg, self.provider)
-
-    def drop_model(self, name: str) -> bool:
-        if self.in_use(name):
-            return False
-        self._slots.pop(name, None)
-        return True
-
-    def in_use(self, name: str) -> bool:
-        slot = self._slots.get(name)
-        if slot is None:
-            return False
-        return slot.busy or slot.admission.running > 0 or slot.admission.waiting > 0
-
-    def served_names(self) -> list[str]:
-        return list(self._slots)
-
-    # ---- catalogue -------------------------------------------------------------------------
-
-    async def list_models(self) -> list[ModelInfo]:
-        return [self.describe(name) for name in self._slots]  # type: ignore[misc]
-
-    def describe(self, name: str) -> ModelInfo | None:
-        slot = self._slots.get(name)
-        if slot is None:
-            return None
-        state, reason = ModelState.AVAILABLE, ""
-        if slot.load_error:
-            state, reason = ModelState.ERROR, slot.load_error
-        return ModelInfo(
-            provider=self.provider,
-            name=name,
-            modality=Modality.MESH,
-            state=state,
-            state_reason=reason,
-            description=slot.cfg.description,
-            loaded=slot.pipeline is not None,
-            capabilities=Capabilities(streaming=True),
-        )
+    def _new_slot(self, cfg: LocalMeshModel) -> _Slot:
+        return PipelineSlot(cfg, self.provider)
 
     def parameters(self, model: ModelInfo) -> list[ParameterSpec]:
         slot = self._slots.get(model.name)
